@@ -1,0 +1,1 @@
+"""socksd: a pre-forking SOCKS5 proxy."""

@@ -1,0 +1,648 @@
+"""Sans-IO SOCKS5 server codec (RFC 1928, with RFC 1929 username/password).
+
+Owns:
+    The server side of the SOCKS5 wire format and handshake state machine:
+    parsing the client's greeting, RFC 1929 sub-negotiation and request into
+    immutable events, encoding the server's answers, bounding buffered input,
+    and keeping every byte the client sent after its request
+    (``trailing_data``) for the relay to forward.
+
+Must not:
+    Import socket, time, logging or anything else that does I/O; decide
+    policy (which method, whether credentials are good, which reply code);
+    resolve names.
+
+Shape (like h11)::
+
+    conn = Socks5ServerConnection(max_buffer=65536)
+    conn.receive_data(chunk)                  # b"" means EOF
+    event = conn.next_event()                 # an event, or NEED_DATA
+    wire = conn.send(MethodSelection(Method.NO_AUTH))
+
+After each event the server must answer with ``send()`` before the codec
+parses further input (``next_event()`` returns ``NEED_DATA`` meanwhile, and
+pipelined input stays buffered). A successful ``CommandReply`` moves the codec
+to ``RELAYING``; the caller then takes ``trailing_data`` and drops the codec.
+"""
+
+import ipaddress
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum, IntEnum, auto
+from typing import Final, Literal, NoReturn, TypeAlias
+
+__all__ = [
+    "NEED_DATA",
+    "AddressType",
+    "AuthStatus",
+    "Command",
+    "CommandReply",
+    "CommandRequest",
+    "ConnectionClosed",
+    "Event",
+    "Greeting",
+    "LocalProtocolError",
+    "Method",
+    "MethodSelection",
+    "NeedData",
+    "ProtocolError",
+    "Reply",
+    "ServerMessage",
+    "Socks5ServerConnection",
+    "State",
+    "UserPassAuth",
+    "choose_method",
+]
+
+SOCKS_VERSION: Final = 0x05  # RFC 1928 §3: VER is X'05' in every message.
+AUTH_VERSION: Final = 0x01  # RFC 1929 §2: sub-negotiation VER is X'01'.
+
+
+class Method(IntEnum):
+    """Authentication methods (RFC 1928 §3)."""
+
+    NO_AUTH = 0x00
+    GSSAPI = 0x01
+    USERNAME_PASSWORD = 0x02
+    NO_ACCEPTABLE = 0xFF
+
+
+class Command(IntEnum):
+    """Request commands, the CMD field (RFC 1928 §4)."""
+
+    CONNECT = 0x01
+    BIND = 0x02
+    UDP_ASSOCIATE = 0x03
+
+
+class AddressType(IntEnum):
+    """Address types, the ATYP field (RFC 1928 §5)."""
+
+    IPV4 = 0x01
+    DOMAINNAME = 0x03
+    IPV6 = 0x04
+
+
+class Reply(IntEnum):
+    """Reply codes, the REP field (RFC 1928 §6)."""
+
+    SUCCEEDED = 0x00
+    GENERAL_FAILURE = 0x01
+    NOT_ALLOWED = 0x02
+    NETWORK_UNREACHABLE = 0x03
+    HOST_UNREACHABLE = 0x04
+    CONNECTION_REFUSED = 0x05
+    TTL_EXPIRED = 0x06
+    COMMAND_NOT_SUPPORTED = 0x07
+    ADDRESS_TYPE_NOT_SUPPORTED = 0x08
+
+
+class State(Enum):
+    """Where the handshake stands.
+
+    ``SEND_*`` states wait for the server's ``send()``; ``GREETING``,
+    ``AUTH`` and ``REQUEST`` wait for client input. ``RELAYING``, ``CLOSED``
+    and ``ERROR`` are terminal for the codec.
+    """
+
+    GREETING = auto()
+    SEND_METHOD = auto()
+    AUTH = auto()
+    SEND_AUTH_STATUS = auto()
+    REQUEST = auto()
+    SEND_REPLY = auto()
+    RELAYING = auto()
+    CLOSED = auto()
+    ERROR = auto()
+
+
+class NeedData(Enum):
+    """Type of the ``NEED_DATA`` sentinel (an enum so mypy can narrow on it)."""
+
+    NEED_DATA = auto()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Final = NeedData.NEED_DATA
+"""Returned by ``next_event()`` when no event can be produced yet."""
+
+
+# --- events (client -> server) --------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Greeting:
+    """Version identifier/method selection message (RFC 1928 §3).
+
+    Attributes:
+        methods: METHODS as offered, in the client's order; may hold values
+            with no ``Method`` member, and may be empty.
+    """
+
+    methods: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class UserPassAuth:
+    """Username/password request (RFC 1929 §2); either field may be empty."""
+
+    username: bytes
+    password: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CommandRequest:
+    """SOCKS request (RFC 1928 §4).
+
+    Attributes:
+        command: CMD.
+        address_type: ATYP as sent.
+        host: Dotted IPv4, compressed IPv6 text, or the domain name as sent
+            (printable ASCII, not resolved, not normalised).
+        port: DST.PORT, 0-65535 (0 is passed through; policy decides).
+    """
+
+    command: Command
+    address_type: AddressType
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """EOF was received and no complete message was pending."""
+
+
+Event: TypeAlias = Greeting | UserPassAuth | CommandRequest | ConnectionClosed
+
+
+# --- messages (server -> client) -------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MethodSelection:
+    """METHOD selection (RFC 1928 §3): ``NO_AUTH``, ``USERNAME_PASSWORD``
+    (either only if offered) or ``NO_ACCEPTABLE``."""
+
+    method: int
+
+
+@dataclass(frozen=True, slots=True)
+class AuthStatus:
+    """Username/password status (RFC 1929 §2)."""
+
+    ok: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CommandReply:
+    """Reply to a request (RFC 1928 §6).
+
+    Attributes:
+        reply: REP.
+        address: BND.ADDR: IPv4 or IPv6 text (ATYP 1 or 4), a domain name
+            (ATYP 3), or None for 0.0.0.0.
+        port: BND.PORT.
+    """
+
+    reply: Reply
+    address: str | None = None
+    port: int = 0
+
+
+ServerMessage: TypeAlias = MethodSelection | AuthStatus | CommandReply
+
+
+# --- errors -----------------------------------------------------------------
+
+
+class ProtocolError(Exception):
+    """The client broke RFC 1928/1929 (or overran the buffer).
+
+    Send ``reply`` (if any), then close the connection; the codec stays in
+    ``State.ERROR``.
+
+    Attributes:
+        reason: snake_case cause, e.g. ``"bad_version"``.
+        reply: Exact bytes to send before closing; may be empty.
+    """
+
+    def __init__(self, reason: str, reply: bytes = b"") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.reply = reply
+
+    def __repr__(self) -> str:
+        return f"ProtocolError(reason={self.reason!r}, reply={self.reply!r})"
+
+
+class LocalProtocolError(Exception):
+    """The caller misused the codec: a send in the wrong state, an illegal
+    message, ``next_event()`` after the handshake, or data after EOF."""
+
+
+# --- encoding ---------------------------------------------------------------
+
+
+def _encode_address(address: str | None) -> bytes:
+    """Encode ATYP + BND.ADDR (RFC 1928 §5)."""
+    if address is None:
+        return bytes([AddressType.IPV4]) + bytes(4)
+    if not isinstance(address, str):
+        # ip_address() would also take packed bytes or an int; refuse both.
+        raise LocalProtocolError(f"bad BND.ADDR {address!r}")
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        raw = _check_domain(address.encode()) if address.isascii() else None
+        if raw is None:
+            raise LocalProtocolError(f"bad BND.ADDR {address!r}") from None
+        return bytes([AddressType.DOMAINNAME, len(raw)]) + raw
+    atyp = AddressType.IPV4 if ip.version == 4 else AddressType.IPV6
+    return bytes([atyp]) + ip.packed
+
+
+def _encode_reply(reply: Reply, address: str | None = None, port: int = 0) -> bytes:
+    """Encode VER REP RSV ATYP BND.ADDR BND.PORT (RFC 1928 §6)."""
+    return bytes([SOCKS_VERSION, reply, 0x00]) + _encode_address(address) + port.to_bytes(2, "big")
+
+
+# RFC 1928 §3: X'FF' tells the client to close; the answer to a greeting we
+# will not serve.
+_NO_ACCEPTABLE: Final = bytes([SOCKS_VERSION, Method.NO_ACCEPTABLE])
+# RFC 1929 §2: any non-zero STATUS is failure and the server closes.
+_AUTH_FAILURE: Final = bytes([AUTH_VERSION, 0x01])
+_AUTH_SUCCESS: Final = bytes([AUTH_VERSION, 0x00])
+_GENERAL_FAILURE: Final = _encode_reply(Reply.GENERAL_FAILURE)
+
+# Reply owed to the client if its input overruns the buffer in each state:
+# the failure answer to the message being read or awaiting our answer.
+_OVERFLOW_REPLY: Final[Mapping[State, bytes]] = {
+    State.SEND_METHOD: _NO_ACCEPTABLE,
+    State.AUTH: _AUTH_FAILURE,
+    State.SEND_AUTH_STATUS: _AUTH_FAILURE,
+    State.REQUEST: _GENERAL_FAILURE,
+    State.SEND_REPLY: _GENERAL_FAILURE,
+    State.RELAYING: b"",  # Our success reply is already on the wire.
+}
+
+
+# --- parsing ----------------------------------------------------------------
+
+# Each parser sees the unconsumed input and returns (event, bytes consumed),
+# None if the message is incomplete, or raises ProtocolError. Errors are
+# raised as soon as the offending byte is present, so the outcome depends
+# only on the input, never on how it was chunked.
+_Parser: TypeAlias = Callable[[bytearray], tuple[Event, int] | None]
+
+
+def _check_domain(raw: bytes) -> bytes | None:
+    """Return ``raw`` if it is a usable DOMAINNAME, else None.
+
+    RFC 1928 §5 gives only a length octet. Restricting to printable ASCII
+    without spaces keeps NULs and control characters (which make
+    ``getaddrinfo`` raise ValueError, or poison logs) out of the server.
+    """
+    if not 1 <= len(raw) <= 255:
+        return None
+    if any(not 0x21 <= b <= 0x7E for b in raw):
+        return None
+    return raw
+
+
+def _parse_greeting(buf: bytearray) -> tuple[Event, int] | None:
+    # RFC 1928 §3: VER(1) NMETHODS(1) METHODS(NMETHODS).
+    if not buf:
+        return None
+    if buf[0] != SOCKS_VERSION:
+        # Not a SOCKS5 client: RFC 1928 defines nothing we could answer.
+        raise ProtocolError("bad_version", b"")
+    if len(buf) < 2:
+        return None
+    end = 2 + buf[1]
+    if len(buf) < end:
+        return None
+    # NMETHODS is 1-255 in the RFC; 0 is passed through and policy answers
+    # X'FF' because nothing was offered.
+    return Greeting(tuple(buf[2:end])), end
+
+
+def _parse_auth(buf: bytearray) -> tuple[Event, int] | None:
+    # RFC 1929 §2: VER(1) ULEN(1) UNAME(ULEN) PLEN(1) PASSWD(PLEN).
+    if not buf:
+        return None
+    if buf[0] != AUTH_VERSION:
+        raise ProtocolError("bad_auth_version", _AUTH_FAILURE)
+    if len(buf) < 2:
+        return None
+    plen_at = 2 + buf[1]
+    if len(buf) <= plen_at:
+        return None
+    end = plen_at + 1 + buf[plen_at]
+    if len(buf) < end:
+        return None
+    # ULEN/PLEN of 0 violate RFC 1929's 1-255 but parse fine; policy rejects.
+    event = UserPassAuth(bytes(buf[2:plen_at]), bytes(buf[plen_at + 1 : end]))
+    return event, end
+
+
+_FIXED_ADDRESS_LEN: Final[Mapping[AddressType, int]] = {
+    AddressType.IPV4: 4,
+    AddressType.IPV6: 16,
+}
+
+
+def _parse_request(buf: bytearray) -> tuple[Event, int] | None:
+    # RFC 1928 §4: VER(1) CMD(1) RSV(1) ATYP(1) DST.ADDR(var) DST.PORT(2).
+    size = len(buf)
+    if size < 1:
+        return None
+    if buf[0] != SOCKS_VERSION:
+        raise ProtocolError("bad_version", _GENERAL_FAILURE)
+    if size < 2:
+        return None
+    try:
+        command = Command(buf[1])
+    except ValueError:
+        reply = _encode_reply(Reply.COMMAND_NOT_SUPPORTED)
+        raise ProtocolError("unknown_command", reply) from None
+    if size < 4:
+        return None
+    # buf[2] is RSV: RFC 1928 only calls it reserved, so it is ignored.
+    try:
+        atyp = AddressType(buf[3])
+    except ValueError:
+        reply = _encode_reply(Reply.ADDRESS_TYPE_NOT_SUPPORTED)
+        raise ProtocolError("unknown_address_type", reply) from None
+    if atyp is AddressType.DOMAINNAME:
+        # RFC 1928 §5: one length octet, then the name, no terminating NUL.
+        if size < 5:
+            return None
+        addr_start, addr_end = 5, 5 + buf[4]
+    else:
+        addr_start, addr_end = 4, 4 + _FIXED_ADDRESS_LEN[atyp]
+    if size < addr_end:
+        return None
+    raw = bytes(buf[addr_start:addr_end])
+    if atyp is AddressType.IPV4:
+        host = str(ipaddress.IPv4Address(raw))
+    elif atyp is AddressType.IPV6:
+        host = ipaddress.IPv6Address(raw).compressed
+    elif _check_domain(raw) is None:
+        reply = _encode_reply(Reply.HOST_UNREACHABLE)
+        raise ProtocolError("bad_domain_name", reply)
+    else:
+        host = raw.decode("ascii")
+    end = addr_end + 2
+    if size < end:
+        return None
+    port = int.from_bytes(buf[addr_end:end], "big")
+    return CommandRequest(command, atyp, host, port), end
+
+
+# States that read client input: (parser, state after its event).
+_READERS: Final[Mapping[State, tuple[_Parser, State]]] = {
+    State.GREETING: (_parse_greeting, State.SEND_METHOD),
+    State.AUTH: (_parse_auth, State.SEND_AUTH_STATUS),
+    State.REQUEST: (_parse_request, State.SEND_REPLY),
+}
+
+_AWAITING_SEND: Final = frozenset({State.SEND_METHOD, State.SEND_AUTH_STATUS, State.SEND_REPLY})
+
+# The transition table. CLOSED is reached by EOF from reading states, by a
+# refusing send() from SEND_* states; ERROR by a ProtocolError, including a
+# buffer overflow (hence from SEND_* and RELAYING too).
+_TRANSITIONS: Final[Mapping[State, frozenset[State]]] = {
+    State.GREETING: frozenset({State.SEND_METHOD, State.CLOSED, State.ERROR}),
+    State.SEND_METHOD: frozenset({State.AUTH, State.REQUEST, State.CLOSED, State.ERROR}),
+    State.AUTH: frozenset({State.SEND_AUTH_STATUS, State.CLOSED, State.ERROR}),
+    State.SEND_AUTH_STATUS: frozenset({State.REQUEST, State.CLOSED, State.ERROR}),
+    State.REQUEST: frozenset({State.SEND_REPLY, State.CLOSED, State.ERROR}),
+    State.SEND_REPLY: frozenset({State.RELAYING, State.CLOSED, State.ERROR}),
+    State.RELAYING: frozenset({State.ERROR}),
+    State.CLOSED: frozenset(),
+    State.ERROR: frozenset(),
+}
+
+# Methods we can run the sub-negotiation for, and where each leads.
+_AFTER_METHOD: Final[Mapping[int, State]] = {
+    Method.NO_AUTH: State.REQUEST,
+    Method.USERNAME_PASSWORD: State.AUTH,
+}
+
+
+def choose_method(offered: Sequence[int], acceptable: Sequence[int]) -> int:
+    """Pick the server's preferred method among those the client offered.
+
+    Args:
+        offered: METHODS from the client's ``Greeting``.
+        acceptable: Methods the server allows, most preferred first.
+
+    Returns:
+        The first of ``acceptable`` present in ``offered``, or
+        ``Method.NO_ACCEPTABLE`` (RFC 1928 §3).
+    """
+    offered_set = frozenset(offered)
+    for method in acceptable:
+        if method in offered_set:
+            return method
+    return Method.NO_ACCEPTABLE
+
+
+class Socks5ServerConnection:
+    """One client connection's SOCKS5 handshake, from greeting to reply.
+
+    Args:
+        max_buffer: Most unconsumed input bytes held at any time. The largest
+            handshake message is 513 bytes (RFC 1929 with 255-byte fields),
+            so smaller limits may refuse legitimate clients.
+
+    Raises:
+        ValueError: ``max_buffer`` is not positive.
+    """
+
+    def __init__(self, max_buffer: int = 65536) -> None:
+        if max_buffer < 1:
+            raise ValueError(f"max_buffer must be positive, got {max_buffer}")
+        self._max_buffer = max_buffer
+        self._buffer = bytearray()
+        self._state = State.GREETING
+        self._eof = False
+        self._offered: frozenset[int] = frozenset()
+        self._error: ProtocolError | None = None
+
+    @property
+    def state(self) -> State:
+        """The current state."""
+        return self._state
+
+    @property
+    def trailing_data(self) -> bytes:
+        """Unconsumed input; after the request, the client's first payload.
+
+        Reading does not consume it. In ``SEND_REPLY`` and ``RELAYING`` these
+        are exactly the bytes that followed the request, plus anything fed
+        since.
+        """
+        return bytes(self._buffer)
+
+    @property
+    def eof_received(self) -> bool:
+        """Whether ``receive_data(b"")`` was called (the client half-closed)."""
+        return self._eof
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes read from the client; ``b""`` means EOF.
+
+        Input is buffered in every live state (including ``SEND_*`` and
+        ``RELAYING``) and discarded in ``CLOSED``. EOF may be repeated.
+
+        Args:
+            data: Bytes read from the client socket.
+
+        Raises:
+            ProtocolError: Unconsumed input would exceed ``max_buffer``
+                (reason ``"buffer_overflow"``), or the codec is already in
+                ``ERROR`` (the original error again).
+            LocalProtocolError: Non-empty data after EOF.
+        """
+        self._raise_if_failed()
+        if self._eof:
+            if data:
+                raise LocalProtocolError("receive_data() after EOF")
+            return
+        if not data:
+            self._eof = True
+            return
+        if self._state is State.CLOSED:
+            return  # The handshake was refused; nothing will read this.
+        if len(self._buffer) + len(data) > self._max_buffer:
+            self._fail(ProtocolError("buffer_overflow", self._overflow_reply(data)))
+        self._buffer += data
+
+    def next_event(self) -> Event | Literal[NeedData.NEED_DATA]:
+        """Parse the next client message, if complete.
+
+        Returns:
+            An event; ``NEED_DATA`` if the message is incomplete or the codec
+            waits for ``send()``; ``ConnectionClosed()`` (state becomes
+            ``CLOSED``) after EOF if no complete message is buffered, dropping
+            any partial one.
+
+        Raises:
+            ProtocolError: The client broke the protocol; state becomes (or
+                already was) ``ERROR``.
+            LocalProtocolError: Called in ``RELAYING`` or ``CLOSED``.
+        """
+        self._raise_if_failed()
+        reader = _READERS.get(self._state)
+        if reader is None:
+            if self._state in _AWAITING_SEND:
+                return NEED_DATA
+            raise LocalProtocolError(f"next_event() in {self._state.name}")
+        parse, next_state = reader
+        try:
+            parsed = parse(self._buffer)
+        except ProtocolError as exc:
+            self._fail(exc)
+        if parsed is None:
+            if not self._eof:
+                return NEED_DATA
+            self._buffer.clear()
+            self._transition(State.CLOSED)
+            return ConnectionClosed()
+        event, consumed = parsed
+        del self._buffer[:consumed]
+        if isinstance(event, Greeting):
+            self._offered = frozenset(event.methods)
+        self._transition(next_state)
+        return event
+
+    def send(self, message: ServerMessage) -> bytes:
+        """Encode the server's answer and advance the state.
+
+        Args:
+            message: ``MethodSelection`` in ``SEND_METHOD``, ``AuthStatus`` in
+                ``SEND_AUTH_STATUS`` or ``CommandReply`` in ``SEND_REPLY``.
+
+        Returns:
+            The bytes to write to the client.
+
+        Raises:
+            LocalProtocolError: Wrong state for the message, or a value RFC
+                1928/1929 does not allow here. The state is left unchanged.
+        """
+        match message:
+            case MethodSelection():
+                data, next_state = self._encode_method(message)
+            case AuthStatus():
+                self._expect(State.SEND_AUTH_STATUS, message)
+                # RFC 1929 §2: on failure the server MUST close the connection.
+                if message.ok:
+                    data, next_state = _AUTH_SUCCESS, State.REQUEST
+                else:
+                    data, next_state = _AUTH_FAILURE, State.CLOSED
+            case CommandReply():
+                data, next_state = self._encode_command_reply(message)
+            case _:
+                raise LocalProtocolError(f"cannot send {message!r}")
+        self._transition(next_state)
+        return data
+
+    def _encode_method(self, message: MethodSelection) -> tuple[bytes, State]:
+        self._expect(State.SEND_METHOD, message)
+        method = message.method
+        if method == Method.NO_ACCEPTABLE:
+            # RFC 1928 §3: the client MUST close; we will not read more.
+            return _NO_ACCEPTABLE, State.CLOSED
+        next_state = _AFTER_METHOD.get(method)
+        if next_state is None:
+            raise LocalProtocolError(f"method {method!r} is not implemented")
+        if method not in self._offered:
+            # RFC 1928 §3: the server selects from the methods given.
+            raise LocalProtocolError(f"method {method!r} was not offered")
+        return bytes([SOCKS_VERSION, method]), next_state
+
+    def _encode_command_reply(self, message: CommandReply) -> tuple[bytes, State]:
+        self._expect(State.SEND_REPLY, message)
+        try:
+            reply = Reply(message.reply)
+        except ValueError:
+            raise LocalProtocolError(f"unknown reply {message.reply!r}") from None
+        port = message.port
+        if not isinstance(port, int) or not 0 <= port <= 0xFFFF:
+            raise LocalProtocolError(f"bad BND.PORT {port!r}")
+        data = _encode_reply(reply, message.address, port)
+        if reply is Reply.SUCCEEDED:
+            return data, State.RELAYING
+        # RFC 1928 §6: after a failure reply the server closes the connection.
+        return data, State.CLOSED
+
+    def _expect(self, state: State, message: ServerMessage) -> None:
+        if self._state is not state:
+            name = type(message).__name__
+            raise LocalProtocolError(f"cannot send {name} in {self._state.name}")
+
+    def _transition(self, new_state: State) -> None:
+        if new_state not in _TRANSITIONS[self._state]:
+            raise LocalProtocolError(f"{self._state.name} -> {new_state.name}")
+        self._state = new_state
+
+    def _overflow_reply(self, data: bytes) -> bytes:
+        if self._state is State.GREETING:
+            # Answer X'FF' only if this looks like a SOCKS5 client at all.
+            first = (self._buffer or data)[:1]
+            return _NO_ACCEPTABLE if first == bytes([SOCKS_VERSION]) else b""
+        return _OVERFLOW_REPLY[self._state]
+
+    def _fail(self, error: ProtocolError) -> NoReturn:
+        self._transition(State.ERROR)
+        self._error = error
+        raise error
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            # A fresh instance: re-raising one object grows its traceback.
+            raise ProtocolError(self._error.reason, self._error.reply)

@@ -1,0 +1,932 @@
+"""Unit tests of the sans-IO SOCKS5 server codec (RFC 1928, RFC 1929).
+
+Vectors are fed whole, one byte at a time and with trailing bytes. No sockets.
+"""
+
+import ast
+import dataclasses
+import ipaddress
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import socksd.socks5 as socks5_module
+from socksd.socks5 import (
+    NEED_DATA,
+    AddressType,
+    AuthStatus,
+    Command,
+    CommandReply,
+    CommandRequest,
+    ConnectionClosed,
+    Greeting,
+    LocalProtocolError,
+    Method,
+    MethodSelection,
+    ProtocolError,
+    Reply,
+    ServerMessage,
+    Socks5ServerConnection,
+    State,
+    UserPassAuth,
+    choose_method,
+)
+
+# --- vectors -----------------------------------------------------------------
+
+GREETING_NOAUTH = b"\x05\x01\x00"
+GREETING_BOTH = b"\x05\x02\x00\x02"
+GREETING_USERPASS = b"\x05\x01\x02"
+AUTH = b"\x01\x04user\x06secret"
+REQ_V4 = b"\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x50"
+REQ_V6 = b"\x05\x01\x00\x04" + ipaddress.IPv6Address("2001:db8::1").packed + b"\x01\xbb"
+REQ_DOMAIN = b"\x05\x01\x00\x03\x0bexample.com\x01\xbb"
+PAYLOAD = b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n"
+
+
+def failure(code: int) -> bytes:
+    """RFC 1928 §6 reply with REP=code and BND 0.0.0.0:0."""
+    return bytes([5, code, 0, 1, 0, 0, 0, 0, 0, 0])
+
+
+def request(command: int, atyp: int, addr: bytes, port: int, rsv: int = 0) -> bytes:
+    return bytes([5, command, rsv, atyp]) + addr + port.to_bytes(2, "big")
+
+
+def domain(name: bytes) -> bytes:
+    return bytes([len(name)]) + name
+
+
+AUTH_FAILED = b"\x01\x01"
+GENERAL_FAILURE = failure(1)
+
+# --- helpers -----------------------------------------------------------------
+
+Feeder = Callable[[Socks5ServerConnection, bytes], object]
+Factory = Callable[..., Socks5ServerConnection]
+
+
+def feed_whole(conn: Socks5ServerConnection, data: bytes) -> object:
+    conn.receive_data(data)
+    return conn.next_event()
+
+
+def feed_bytewise(conn: Socks5ServerConnection, data: bytes) -> object:
+    """Feed one byte at a time; NEED_DATA must come before the last byte."""
+    for i, byte in enumerate(data):
+        conn.receive_data(bytes([byte]))
+        event = conn.next_event()
+        if i < len(data) - 1:
+            assert event is NEED_DATA, f"event after byte {i} of {len(data)}"
+    return event
+
+
+FEEDERS = pytest.mark.parametrize("feed", [feed_whole, feed_bytewise], ids=["whole", "bytewise"])
+
+
+def at_greeting(max_buffer: int = 65536) -> Socks5ServerConnection:
+    return Socks5ServerConnection(max_buffer)
+
+
+def at_auth(max_buffer: int = 65536) -> Socks5ServerConnection:
+    conn = Socks5ServerConnection(max_buffer)
+    conn.receive_data(GREETING_USERPASS)
+    assert conn.next_event() == Greeting((2,))
+    assert conn.send(MethodSelection(Method.USERNAME_PASSWORD)) == b"\x05\x02"
+    assert conn.state is State.AUTH
+    return conn
+
+
+def at_request(max_buffer: int = 65536) -> Socks5ServerConnection:
+    conn = Socks5ServerConnection(max_buffer)
+    conn.receive_data(GREETING_NOAUTH)
+    assert conn.next_event() == Greeting((0,))
+    assert conn.send(MethodSelection(Method.NO_AUTH)) == b"\x05\x00"
+    assert conn.state is State.REQUEST
+    return conn
+
+
+def at_reply(max_buffer: int = 65536) -> Socks5ServerConnection:
+    conn = at_request(max_buffer)
+    conn.receive_data(REQ_V4)
+    assert isinstance(conn.next_event(), CommandRequest)
+    assert conn.state is State.SEND_REPLY
+    return conn
+
+
+def at_relaying(max_buffer: int = 65536) -> Socks5ServerConnection:
+    conn = at_reply(max_buffer)
+    conn.send(CommandReply(Reply.SUCCEEDED))
+    assert conn.state is State.RELAYING
+    return conn
+
+
+def at_closed(max_buffer: int = 65536) -> Socks5ServerConnection:
+    conn = Socks5ServerConnection(max_buffer)
+    conn.receive_data(b"\x05\x01\x80")
+    conn.next_event()
+    assert conn.send(MethodSelection(Method.NO_ACCEPTABLE)) == b"\x05\xff"
+    assert conn.state is State.CLOSED
+    return conn
+
+
+def at_error(max_buffer: int = 65536) -> Socks5ServerConnection:
+    conn = Socks5ServerConnection(max_buffer)
+    conn.receive_data(b"\x04")
+    with pytest.raises(ProtocolError):
+        conn.next_event()
+    assert conn.state is State.ERROR
+    return conn
+
+
+# --- greeting (RFC 1928 §3) ----------------------------------------------------
+
+
+@FEEDERS
+@pytest.mark.parametrize(
+    ("wire", "methods"),
+    [
+        (GREETING_NOAUTH, (0,)),
+        (GREETING_BOTH, (0, 2)),
+        (b"\x05\x00", ()),
+        (b"\x05\x03\x80\x02\x01", (0x80, 2, 1)),
+        (b"\x05\xff" + bytes(range(255)), tuple(range(255))),
+    ],
+)
+def test_greeting(feed: Feeder, wire: bytes, methods: tuple[int, ...]) -> None:
+    conn = Socks5ServerConnection()
+    assert feed(conn, wire) == Greeting(methods)
+    assert conn.state is State.SEND_METHOD
+    assert conn.trailing_data == b""
+
+
+def test_greeting_with_trailing_bytes_waits_for_method_selection() -> None:
+    conn = Socks5ServerConnection()
+    conn.receive_data(GREETING_NOAUTH + REQ_V4)
+    assert conn.next_event() == Greeting((0,))
+    # Not parsed until the server answers, but kept.
+    assert conn.next_event() is NEED_DATA
+    assert conn.next_event() is NEED_DATA
+    assert conn.trailing_data == REQ_V4
+    conn.send(MethodSelection(Method.NO_AUTH))
+    assert conn.next_event() == CommandRequest(Command.CONNECT, AddressType.IPV4, "127.0.0.1", 80)
+
+
+def test_empty_input_needs_data() -> None:
+    conn = Socks5ServerConnection()
+    assert conn.next_event() is NEED_DATA
+    conn.receive_data(b"\x05")
+    assert conn.next_event() is NEED_DATA
+    assert conn.state is State.GREETING
+
+
+@pytest.mark.parametrize(
+    ("method", "wire", "state"),
+    [
+        (Method.NO_AUTH, b"\x05\x00", State.REQUEST),
+        (Method.USERNAME_PASSWORD, b"\x05\x02", State.AUTH),
+        (Method.NO_ACCEPTABLE, b"\x05\xff", State.CLOSED),
+    ],
+)
+def test_method_selection(method: Method, wire: bytes, state: State) -> None:
+    conn = Socks5ServerConnection()
+    conn.receive_data(GREETING_BOTH)
+    conn.next_event()
+    assert conn.send(MethodSelection(method)) == wire
+    assert conn.state is state
+
+
+def test_no_acceptable_allowed_for_empty_greeting() -> None:
+    conn = Socks5ServerConnection()
+    conn.receive_data(b"\x05\x00")
+    assert conn.next_event() == Greeting(())
+    assert conn.send(MethodSelection(0xFF)) == b"\x05\xff"
+
+
+# --- username/password (RFC 1929) ----------------------------------------------
+
+
+@FEEDERS
+@pytest.mark.parametrize(
+    ("wire", "username", "password"),
+    [
+        (AUTH, b"user", b"secret"),
+        (b"\x01\x00\x00", b"", b""),
+        (b"\x01\x00\x01p", b"", b"p"),
+        (b"\x01\x01u\x00", b"u", b""),
+        (b"\x01\xff" + b"u" * 255 + b"\xff" + b"\x00" * 255, b"u" * 255, b"\x00" * 255),
+    ],
+)
+def test_auth(feed: Feeder, wire: bytes, username: bytes, password: bytes) -> None:
+    conn = at_auth()
+    assert feed(conn, wire) == UserPassAuth(username, password)
+    assert conn.state is State.SEND_AUTH_STATUS
+
+
+def test_auth_with_trailing_bytes() -> None:
+    conn = at_auth()
+    conn.receive_data(AUTH + REQ_DOMAIN[:5])
+    assert conn.next_event() == UserPassAuth(b"user", b"secret")
+    assert conn.next_event() is NEED_DATA
+    assert conn.trailing_data == REQ_DOMAIN[:5]
+
+
+@pytest.mark.parametrize(
+    ("ok", "wire", "state"),
+    [(True, b"\x01\x00", State.REQUEST), (False, b"\x01\x01", State.CLOSED)],
+)
+def test_auth_status(ok: bool, wire: bytes, state: State) -> None:
+    conn = at_auth()
+    conn.receive_data(AUTH)
+    conn.next_event()
+    assert conn.send(AuthStatus(ok)) == wire
+    assert conn.state is state
+
+
+# --- requests (RFC 1928 §4, §5) ---------------------------------------------------
+
+ADDRESSES = [
+    (AddressType.IPV4, b"\x7f\x00\x00\x01", "127.0.0.1"),
+    (AddressType.IPV4, b"\x00\x00\x00\x00", "0.0.0.0"),
+    (AddressType.IPV6, ipaddress.IPv6Address("2001:db8::1").packed, "2001:db8::1"),
+    (AddressType.IPV6, bytes(15) + b"\x01", "::1"),
+    (AddressType.IPV6, ipaddress.IPv6Address("::ffff:1.2.3.4").packed, "::ffff:102:304"),
+    (AddressType.DOMAINNAME, domain(b"example.com"), "example.com"),
+    (AddressType.DOMAINNAME, domain(b"a"), "a"),
+    (AddressType.DOMAINNAME, domain(b"x" * 255), "x" * 255),
+    (AddressType.DOMAINNAME, domain(b"10.0.0.1"), "10.0.0.1"),
+]
+
+
+@FEEDERS
+@pytest.mark.parametrize("command", list(Command))
+@pytest.mark.parametrize(("atyp", "addr", "host"), ADDRESSES)
+def test_request(feed: Feeder, command: Command, atyp: AddressType, addr: bytes, host: str) -> None:
+    conn = at_request()
+    event = feed(conn, request(command, atyp, addr, 0xABCD))
+    assert event == CommandRequest(command, atyp, host, 0xABCD)
+    assert isinstance(event, CommandRequest)
+    assert type(event.command) is Command
+    assert type(event.address_type) is AddressType
+    assert conn.state is State.SEND_REPLY
+    assert conn.trailing_data == b""
+
+
+@pytest.mark.parametrize("port", [0, 1, 80, 65535])
+def test_request_port(port: int) -> None:
+    conn = at_request()
+    conn.receive_data(request(Command.CONNECT, AddressType.IPV4, b"\x01\x02\x03\x04", port))
+    assert conn.next_event() == CommandRequest(Command.CONNECT, AddressType.IPV4, "1.2.3.4", port)
+
+
+def test_request_rsv_is_ignored() -> None:
+    conn = at_request()
+    conn.receive_data(request(Command.CONNECT, AddressType.IPV4, b"\x01\x02\x03\x04", 1, rsv=0xAA))
+    assert conn.next_event() == CommandRequest(Command.CONNECT, AddressType.IPV4, "1.2.3.4", 1)
+
+
+@pytest.mark.parametrize("wire", [REQ_V4, REQ_V6, REQ_DOMAIN])
+@pytest.mark.parametrize("split", ["whole", "bytewise"])
+def test_request_with_trailing_payload(wire: bytes, split: str) -> None:
+    conn = at_request()
+    data = wire + PAYLOAD
+    chunks = [data] if split == "whole" else [bytes([b]) for b in data]
+    events = []
+    for chunk in chunks:
+        conn.receive_data(chunk)
+        if conn.state is State.REQUEST:
+            events.append(conn.next_event())
+    assert [e for e in events if e is not NEED_DATA] == [
+        CommandRequest(Command.CONNECT, AddressType(wire[3]), *_host_port(wire))
+    ]
+    assert conn.trailing_data == PAYLOAD
+    assert conn.next_event() is NEED_DATA  # SEND_REPLY: waiting for us.
+    conn.send(CommandReply(Reply.SUCCEEDED, "192.0.2.1", 4242))
+    assert conn.state is State.RELAYING
+    assert conn.trailing_data == PAYLOAD
+
+
+def _host_port(wire: bytes) -> tuple[str, int]:
+    conn = at_request()
+    conn.receive_data(wire)
+    event = conn.next_event()
+    assert isinstance(event, CommandRequest)
+    return event.host, event.port
+
+
+def test_data_fed_while_relaying_is_appended_to_trailing_data() -> None:
+    conn = at_reply()
+    conn.receive_data(b"abc")
+    conn.send(CommandReply(Reply.SUCCEEDED))
+    conn.receive_data(b"def")
+    assert conn.trailing_data == b"abcdef"
+    assert conn.trailing_data == b"abcdef"  # Reading does not consume.
+
+
+# --- pipelining ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", ["whole", "bytewise"])
+def test_pipelined_handshake_in_one_segment(split: str) -> None:
+    data = GREETING_USERPASS + AUTH + REQ_DOMAIN + PAYLOAD
+    conn = Socks5ServerConnection()
+    chunks = [data] if split == "whole" else [bytes([b]) for b in data]
+    events: list[object] = []
+    wire = b""
+    answers: dict[State, ServerMessage] = {
+        State.SEND_METHOD: MethodSelection(Method.USERNAME_PASSWORD),
+        State.SEND_AUTH_STATUS: AuthStatus(True),
+        State.SEND_REPLY: CommandReply(Reply.SUCCEEDED, "10.0.0.1", 1080),
+    }
+    for chunk in chunks:
+        conn.receive_data(chunk)
+        while conn.state is not State.RELAYING:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                if conn.state not in answers:
+                    break
+                wire += conn.send(answers[conn.state])
+            else:
+                events.append(event)
+    assert events == [
+        Greeting((2,)),
+        UserPassAuth(b"user", b"secret"),
+        CommandRequest(Command.CONNECT, AddressType.DOMAINNAME, "example.com", 443),
+    ]
+    assert wire == b"\x05\x02" + b"\x01\x00" + b"\x05\x00\x00\x01\x0a\x00\x00\x01\x04\x38"
+    assert conn.trailing_data == PAYLOAD
+
+
+def test_pipelined_without_auth_in_one_segment() -> None:
+    conn = Socks5ServerConnection()
+    conn.receive_data(GREETING_NOAUTH + REQ_V6 + PAYLOAD)
+    assert conn.next_event() == Greeting((0,))
+    conn.send(MethodSelection(Method.NO_AUTH))
+    assert conn.next_event() == CommandRequest(
+        Command.CONNECT, AddressType.IPV6, "2001:db8::1", 443
+    )
+    assert conn.trailing_data == PAYLOAD
+
+
+# --- protocol errors ------------------------------------------------------------
+
+
+def _error_at(state_factory: Factory, wire: bytes) -> ProtocolError:
+    conn = state_factory()
+    conn.receive_data(wire)
+    with pytest.raises(ProtocolError) as info:
+        conn.next_event()
+    assert conn.state is State.ERROR
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("factory", "wire", "reason", "reply"),
+    [
+        (Socks5ServerConnection, b"\x04\x01\x00", "bad_version", b""),
+        (Socks5ServerConnection, b"\x04", "bad_version", b""),
+        (Socks5ServerConnection, b"GET / HTTP/1.1\r\n", "bad_version", b""),
+        (Socks5ServerConnection, b"\x00", "bad_version", b""),
+        (at_auth, b"\x05\x04user\x06secret", "bad_auth_version", AUTH_FAILED),
+        (at_auth, b"\x00", "bad_auth_version", AUTH_FAILED),
+        (at_request, b"\x04\x01\x00\x01\x7f\x00\x00\x01\x00\x50", "bad_version", GENERAL_FAILURE),
+        (at_request, b"\x01", "bad_version", GENERAL_FAILURE),
+        (at_request, b"\x05\x00", "unknown_command", failure(7)),
+        (at_request, b"\x05\x04\x00\x01", "unknown_command", failure(7)),
+        (at_request, b"\x05\xff\x00\x01\x7f\x00\x00\x01\x00\x50", "unknown_command", failure(7)),
+        (at_request, b"\x05\x01\x00\x00", "unknown_address_type", failure(8)),
+        (at_request, b"\x05\x01\x00\x02", "unknown_address_type", failure(8)),
+        (at_request, b"\x05\x03\x00\x05\x00\x00", "unknown_address_type", failure(8)),
+        (at_request, b"\x05\x01\x00\xff", "unknown_address_type", failure(8)),
+        (at_request, b"\x05\x01\x00\x03\x00\x00\x50", "bad_domain_name", failure(4)),
+        (at_request, b"\x05\x01\x00\x03\x00", "bad_domain_name", failure(4)),
+        (at_request, b"\x05\x01\x00\x03\x04caf\xe9\x00\x50", "bad_domain_name", failure(4)),
+        (at_request, b"\x05\x01\x00\x03\x03a\x00b\x00\x50", "bad_domain_name", failure(4)),
+        (at_request, b"\x05\x01\x00\x03\x03a b\x00\x50", "bad_domain_name", failure(4)),
+        (at_request, b"\x05\x01\x00\x03\x02a\n\x00\x50", "bad_domain_name", failure(4)),
+        (at_request, b"\x05\x01\x00\x03\x02a\x7f\x00\x50", "bad_domain_name", failure(4)),
+    ],
+)
+def test_protocol_error(factory: Factory, wire: bytes, reason: str, reply: bytes) -> None:
+    error = _error_at(factory, wire)
+    assert error.reason == reason
+    assert error.reply == reply
+    assert str(error) == reason
+
+
+def test_errors_are_raised_as_soon_as_the_bad_byte_arrives() -> None:
+    # Bytewise and whole feeding fail identically (a complete message is not needed).
+    assert _error_at(at_request, b"\x05\x09").reason == "unknown_command"
+    assert _error_at(at_request, b"\x05\x01\x00\x07").reason == "unknown_address_type"
+    # Domain checked when the name is complete, before DST.PORT.
+    assert _error_at(at_request, b"\x05\x01\x00\x03\x01\x00").reason == "bad_domain_name"
+
+
+def test_error_precedence_follows_field_order() -> None:
+    assert _error_at(at_request, b"\x04\x09\x00\x09").reason == "bad_version"
+    assert _error_at(at_request, b"\x05\x09\x00\x09").reason == "unknown_command"
+
+
+def test_error_state_is_sticky() -> None:
+    conn = at_error()
+    for call in (
+        conn.next_event,
+        lambda: conn.receive_data(b"\x05"),
+        lambda: conn.receive_data(b""),
+    ):
+        with pytest.raises(ProtocolError) as info:
+            call()
+        assert info.value.reason == "bad_version"
+        assert info.value.reply == b""
+    assert conn.state is State.ERROR
+    with pytest.raises(LocalProtocolError):
+        conn.send(MethodSelection(Method.NO_AUTH))
+
+
+def test_protocol_error_repr() -> None:
+    error = ProtocolError("bad_version", b"\x01")
+    assert repr(error) == "ProtocolError(reason='bad_version', reply=b'\\x01')"
+    assert ProtocolError("x").reply == b""
+
+
+# --- EOF -------------------------------------------------------------------------
+
+
+def test_eof_on_fresh_connection() -> None:
+    conn = Socks5ServerConnection()
+    conn.receive_data(b"")
+    assert conn.eof_received
+    assert conn.next_event() == ConnectionClosed()
+    assert conn.state is State.CLOSED
+    with pytest.raises(LocalProtocolError):
+        conn.next_event()
+
+
+@pytest.mark.parametrize(
+    ("factory", "partial"),
+    [
+        (Socks5ServerConnection, b"\x05"),
+        (Socks5ServerConnection, b"\x05\x02\x00"),
+        (at_auth, b"\x01\x04us"),
+        (at_request, b"\x05\x01\x00\x01\x7f"),
+        (at_request, REQ_DOMAIN[:-1]),
+    ],
+)
+def test_eof_drops_partial_message(factory: Factory, partial: bytes) -> None:
+    conn = factory()
+    conn.receive_data(partial)
+    assert conn.next_event() is NEED_DATA
+    conn.receive_data(b"")
+    assert conn.next_event() == ConnectionClosed()
+    assert conn.state is State.CLOSED
+    assert conn.trailing_data == b""
+
+
+def test_eof_after_complete_message_yields_it_first() -> None:
+    conn = Socks5ServerConnection()
+    conn.receive_data(GREETING_NOAUTH)
+    conn.receive_data(b"")
+    assert conn.next_event() == Greeting((0,))
+    assert conn.next_event() is NEED_DATA  # SEND_METHOD: our turn, even after EOF.
+    conn.send(MethodSelection(Method.NO_AUTH))
+    assert conn.next_event() == ConnectionClosed()
+
+
+def test_eof_after_pipelined_handshake_reaches_relaying() -> None:
+    conn = Socks5ServerConnection()
+    conn.receive_data(GREETING_NOAUTH + REQ_V4 + PAYLOAD)
+    conn.receive_data(b"")
+    assert conn.next_event() == Greeting((0,))
+    conn.send(MethodSelection(Method.NO_AUTH))
+    assert isinstance(conn.next_event(), CommandRequest)
+    conn.send(CommandReply(Reply.SUCCEEDED))
+    assert conn.state is State.RELAYING
+    assert conn.eof_received
+    assert conn.trailing_data == PAYLOAD
+
+
+@pytest.mark.parametrize("factory", [Socks5ServerConnection, at_auth, at_request, at_relaying])
+def test_data_after_eof_is_a_local_error(factory: Factory) -> None:
+    conn = factory()
+    conn.receive_data(b"")
+    conn.receive_data(b"")  # Repeated EOF is harmless.
+    with pytest.raises(LocalProtocolError):
+        conn.receive_data(b"x")
+
+
+def test_eof_while_relaying_keeps_trailing_data() -> None:
+    conn = at_reply()
+    conn.receive_data(b"payload")
+    conn.send(CommandReply(Reply.SUCCEEDED))
+    conn.receive_data(b"")
+    assert conn.trailing_data == b"payload"
+    assert conn.state is State.RELAYING
+
+
+# --- buffer bound --------------------------------------------------------------
+
+
+def test_buffer_limit_is_inclusive() -> None:
+    conn = Socks5ServerConnection(max_buffer=8)
+    conn.receive_data(b"\x05\x07" + b"\x00" * 6)
+    assert conn.next_event() is NEED_DATA
+    with pytest.raises(ProtocolError) as info:
+        conn.receive_data(b"\x00")
+    assert info.value.reason == "buffer_overflow"
+    assert conn.state is State.ERROR
+
+
+def test_buffer_limit_counts_only_unconsumed_input() -> None:
+    conn = Socks5ServerConnection(max_buffer=10)
+    conn.receive_data(GREETING_NOAUTH)
+    conn.next_event()
+    conn.send(MethodSelection(Method.NO_AUTH))
+    conn.receive_data(REQ_V4)  # 10 bytes: exactly the limit after the greeting left.
+    assert isinstance(conn.next_event(), CommandRequest)
+
+
+@pytest.mark.parametrize(
+    ("factory", "reply"),
+    [
+        (at_greeting, b"\x05\xff"),
+        (at_auth, AUTH_FAILED),
+        (at_request, GENERAL_FAILURE),
+        (at_reply, GENERAL_FAILURE),
+        (at_relaying, b""),
+    ],
+)
+def test_buffer_overflow_reply_per_state(factory: Factory, reply: bytes) -> None:
+    conn = factory(max_buffer=16)
+    with pytest.raises(ProtocolError) as info:
+        conn.receive_data(b"\x05" * 17)
+    assert (info.value.reason, info.value.reply) == ("buffer_overflow", reply)
+    assert conn.state is State.ERROR
+    with pytest.raises(ProtocolError):
+        conn.next_event()
+
+
+def test_buffer_overflow_while_awaiting_our_answer() -> None:
+    conn = Socks5ServerConnection(max_buffer=8)
+    conn.receive_data(GREETING_BOTH + b"\x01" * 4)
+    assert conn.next_event() == Greeting((0, 2))
+    with pytest.raises(ProtocolError) as info:
+        conn.receive_data(b"\x01" * 5)
+    assert (info.value.reason, info.value.reply) == ("buffer_overflow", b"\x05\xff")
+    assert conn.state is State.ERROR
+
+    conn = at_auth(max_buffer=len(AUTH))
+    conn.receive_data(AUTH)
+    assert conn.next_event() == UserPassAuth(b"user", b"secret")
+    with pytest.raises(ProtocolError) as info:
+        conn.receive_data(b"\x05" * (len(AUTH) + 1))
+    assert info.value.reply == AUTH_FAILED
+
+
+def test_buffer_overflow_from_non_socks_client_has_no_reply() -> None:
+    conn = Socks5ServerConnection(max_buffer=4)
+    with pytest.raises(ProtocolError) as info:
+        conn.receive_data(b"GET / HTTP/1.1\r\n")
+    assert (info.value.reason, info.value.reply) == ("buffer_overflow", b"")
+
+
+def test_data_after_refusal_is_discarded() -> None:
+    conn = at_closed()
+    conn.receive_data(b"x" * 100_000)
+    assert conn.state is State.CLOSED
+    assert conn.trailing_data == b""
+
+
+@pytest.mark.parametrize("size", [0, -1])
+def test_max_buffer_must_be_positive(size: int) -> None:
+    with pytest.raises(ValueError, match="max_buffer"):
+        Socks5ServerConnection(max_buffer=size)
+
+
+# --- sends: encodings and illegal sends -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("message", "wire"),
+    [
+        (CommandReply(Reply.SUCCEEDED), b"\x05\x00\x00\x01\x00\x00\x00\x00\x00\x00"),
+        (
+            CommandReply(Reply.SUCCEEDED, "192.0.2.7", 1080),
+            b"\x05\x00\x00\x01\xc0\x00\x02\x07\x04\x38",
+        ),
+        (
+            CommandReply(Reply.SUCCEEDED, "2001:db8::2", 65535),
+            b"\x05\x00\x00\x04" + ipaddress.IPv6Address("2001:db8::2").packed + b"\xff\xff",
+        ),
+        (
+            CommandReply(Reply.SUCCEEDED, "::ffff:192.0.2.7", 1),
+            b"\x05\x00\x00\x04" + ipaddress.IPv6Address("::ffff:192.0.2.7").packed + b"\x00\x01",
+        ),
+        (
+            CommandReply(Reply.SUCCEEDED, "proxy.example", 80),
+            b"\x05\x00\x00\x03\x0dproxy.example\x00\x50",
+        ),
+    ],
+)
+def test_success_reply_encoding(message: CommandReply, wire: bytes) -> None:
+    conn = at_reply()
+    assert conn.send(message) == wire
+    assert conn.state is State.RELAYING
+
+
+@pytest.mark.parametrize("reply", [r for r in Reply if r is not Reply.SUCCEEDED])
+def test_failure_reply_encoding_closes(reply: Reply) -> None:
+    conn = at_reply()
+    assert conn.send(CommandReply(reply)) == failure(reply)
+    assert conn.state is State.CLOSED
+    with pytest.raises(LocalProtocolError):
+        conn.next_event()
+
+
+def test_reply_accepts_plain_int_code() -> None:
+    conn = at_reply()
+    assert conn.send(CommandReply(5)) == failure(5)  # type: ignore[arg-type]
+
+
+FACTORIES = {
+    "GREETING": at_greeting,
+    "AUTH": at_auth,
+    "REQUEST": at_request,
+    "SEND_REPLY": at_reply,
+    "RELAYING": at_relaying,
+    "CLOSED": at_closed,
+    "ERROR": at_error,
+}
+MESSAGES = [
+    MethodSelection(Method.NO_AUTH),
+    AuthStatus(True),
+    CommandReply(Reply.SUCCEEDED),
+]
+WRONG_STATE_SENDS = [
+    pytest.param(name, message, id=f"{type(message).__name__}-in-{name}")
+    for name in FACTORIES
+    for message in MESSAGES
+    if (name, type(message)) != ("SEND_REPLY", CommandReply)
+]
+
+
+@pytest.mark.parametrize(("state_name", "message"), WRONG_STATE_SENDS)
+def test_send_in_wrong_state(state_name: str, message: ServerMessage) -> None:
+    conn = FACTORIES[state_name]()
+    before = conn.state
+    with pytest.raises(LocalProtocolError):
+        conn.send(message)
+    assert conn.state is before
+
+
+def test_send_in_send_states_requires_matching_message() -> None:
+    conn = Socks5ServerConnection()
+    conn.receive_data(GREETING_BOTH)
+    conn.next_event()
+    for message in (AuthStatus(True), CommandReply(Reply.SUCCEEDED)):
+        with pytest.raises(LocalProtocolError):
+            conn.send(message)
+    conn.send(MethodSelection(Method.USERNAME_PASSWORD))
+    conn.receive_data(AUTH)
+    conn.next_event()
+    for message2 in (MethodSelection(Method.NO_AUTH), CommandReply(Reply.SUCCEEDED)):
+        with pytest.raises(LocalProtocolError):
+            conn.send(message2)
+    assert conn.state is State.SEND_AUTH_STATUS
+
+
+@pytest.mark.parametrize(
+    ("greeting", "method"),
+    [
+        (b"\x05\x01\x01", Method.GSSAPI),  # Offered, but no GSSAPI sub-negotiation here.
+        (b"\x05\x01\x80", 0x80),  # Private method we cannot run.
+        (b"\x05\x01\x00", Method.USERNAME_PASSWORD),  # Not offered.
+        (b"\x05\x01\x02", Method.NO_AUTH),  # Not offered.
+        (b"\x05\x00", Method.NO_AUTH),  # Nothing offered.
+        (b"\x05\x01\x00", 0x100),
+        (b"\x05\x01\x00", -1),
+    ],
+)
+def test_illegal_method_selection(greeting: bytes, method: int) -> None:
+    conn = Socks5ServerConnection()
+    conn.receive_data(greeting)
+    conn.next_event()
+    with pytest.raises(LocalProtocolError):
+        conn.send(MethodSelection(method))
+    assert conn.state is State.SEND_METHOD
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        CommandReply(0x09),  # type: ignore[arg-type]  # Unassigned REP.
+        CommandReply(Reply.SUCCEEDED, port=-1),
+        CommandReply(Reply.SUCCEEDED, port=65536),
+        CommandReply(Reply.SUCCEEDED, port="80"),  # type: ignore[arg-type]
+        CommandReply(Reply.SUCCEEDED, address=""),
+        CommandReply(Reply.SUCCEEDED, address="x" * 256),
+        CommandReply(Reply.SUCCEEDED, address="café.example"),
+        CommandReply(Reply.SUCCEEDED, address="a b"),
+        CommandReply(Reply.SUCCEEDED, address=b"\x7f\x00\x00\x01"),  # type: ignore[arg-type]
+        CommandReply(Reply.SUCCEEDED, address=2130706433),  # type: ignore[arg-type]
+    ],
+)
+def test_illegal_command_reply(message: CommandReply) -> None:
+    conn = at_reply()
+    with pytest.raises(LocalProtocolError):
+        conn.send(message)
+    assert conn.state is State.SEND_REPLY
+
+
+def test_send_unknown_message_type() -> None:
+    conn = at_reply()
+    with pytest.raises(LocalProtocolError):
+        conn.send(b"\x05\x00")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("factory", [at_relaying, at_closed])
+def test_next_event_after_handshake_is_a_local_error(
+    factory: Factory,
+) -> None:
+    with pytest.raises(LocalProtocolError):
+        factory().next_event()
+
+
+def test_values_are_frozen_and_slotted() -> None:
+    for value in (
+        Greeting(()),
+        UserPassAuth(b"", b""),
+        CommandRequest(Command.CONNECT, AddressType.IPV4, "1.2.3.4", 1),
+        ConnectionClosed(),
+        MethodSelection(0),
+        AuthStatus(True),
+        CommandReply(Reply.SUCCEEDED),
+    ):
+        assert not hasattr(value, "__dict__")
+        # Only declared fields: setting an unknown name on a frozen slotted
+        # dataclass raises TypeError on 3.11 (CPython gh-90562).
+        for field in dataclasses.fields(value):
+            with pytest.raises(dataclasses.FrozenInstanceError):
+                setattr(value, field.name, None)
+
+
+def test_state_is_read_only() -> None:
+    conn = Socks5ServerConnection()
+    with pytest.raises(AttributeError):
+        conn.state = State.RELAYING  # type: ignore[misc]
+
+
+def test_need_data_is_a_unique_sentinel() -> None:
+    assert NEED_DATA is socks5_module.NEED_DATA
+    assert list(socks5_module.NeedData) == [NEED_DATA]
+    assert not isinstance(NEED_DATA, (Greeting, UserPassAuth, CommandRequest, ConnectionClosed))
+    assert repr(NEED_DATA) == "NEED_DATA"
+
+
+def test_wire_constants() -> None:
+    assert [int(m) for m in Method] == [0x00, 0x01, 0x02, 0xFF]
+    assert [int(c) for c in Command] == [1, 2, 3]
+    assert [int(a) for a in AddressType] == [1, 3, 4]
+    assert [int(r) for r in Reply] == list(range(9))
+
+
+# --- choose_method ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("offered", "acceptable", "expected"),
+    [
+        ((0, 2), (2, 0), 2),
+        ((0, 2), (0, 2), 0),
+        ((2, 0), (0,), 0),
+        ((0,), (2,), Method.NO_ACCEPTABLE),
+        ((), (0, 2), Method.NO_ACCEPTABLE),
+        ((0, 2), (), Method.NO_ACCEPTABLE),
+        ((0x80, 1, 2), (0, 1, 2), 1),
+        ([2, 2, 0], [2], 2),
+    ],
+)
+def test_choose_method(offered: Iterable[int], acceptable: Iterable[int], expected: int) -> None:
+    assert choose_method(tuple(offered), tuple(acceptable)) == expected
+
+
+def test_choose_method_result_feeds_method_selection() -> None:
+    conn = Socks5ServerConnection()
+    conn.receive_data(GREETING_BOTH)
+    greeting = conn.next_event()
+    assert isinstance(greeting, Greeting)
+    method = choose_method(greeting.methods, [Method.USERNAME_PASSWORD, Method.NO_AUTH])
+    assert conn.send(MethodSelection(method)) == b"\x05\x02"
+
+
+# --- house rules ------------------------------------------------------------------
+
+
+def test_codec_imports_nothing_that_does_io() -> None:
+    tree = ast.parse(Path(socks5_module.__file__).read_text())
+    imported: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add((node.module or "").split(".")[0])
+    assert imported <= {"ipaddress", "collections", "dataclasses", "enum", "typing"}
+
+
+# --- property: any input, any chunking -------------------------------------------
+
+# The fixed server policy: NO_AUTH, else USERNAME_PASSWORD (so RFC 1929 is
+# exercised too), else X'FF'; accept every credential; succeed every request.
+ACCEPTABLE = (Method.NO_AUTH, Method.USERNAME_PASSWORD)
+POLICY: dict[State, ServerMessage] = {
+    State.SEND_AUTH_STATUS: AuthStatus(True),
+    State.SEND_REPLY: CommandReply(Reply.SUCCEEDED),
+}
+
+
+def drive(chunks: Iterable[bytes], eof: bool) -> list[object]:
+    """Feed chunks with a fixed server policy; return everything observable.
+
+    Only ProtocolError is caught, so any other exception fails the test.
+    """
+    conn = Socks5ServerConnection()
+    log: list[object] = []
+    offered: tuple[int, ...] = ()
+    # b"" is EOF to the codec, so empty chunks are dropped; EOF comes last.
+    for chunk in [*(c for c in chunks if c), *([b""] if eof else [])]:
+        try:
+            conn.receive_data(chunk)
+        except ProtocolError as exc:
+            log.append(("error", exc.reason, exc.reply))
+            return log
+        while conn.state not in (State.RELAYING, State.CLOSED):
+            if conn.state is State.SEND_METHOD:
+                method = choose_method(offered, ACCEPTABLE)
+                log.append(("sent", conn.send(MethodSelection(method))))
+                continue
+            if conn.state in POLICY:
+                log.append(("sent", conn.send(POLICY[conn.state])))
+                continue
+            try:
+                event = conn.next_event()
+            except ProtocolError as exc:
+                log.append(("error", exc.reason, exc.reply))
+                return log
+            if event is NEED_DATA:
+                break
+            assert isinstance(event, (Greeting, UserPassAuth, CommandRequest, ConnectionClosed))
+            if isinstance(event, Greeting):
+                offered = event.methods
+            log.append(event)
+    log.append(("end", conn.state, conn.trailing_data if conn.state is State.RELAYING else None))
+    return log
+
+
+@st.composite
+def socks_streams(draw: st.DrawFn) -> bytes:
+    """Mostly-valid client streams, then mutated, so deep states get reached."""
+    methods = draw(st.lists(st.sampled_from([0, 0, 2, 2, 1, 0x80, 0xFF]), max_size=4))
+    parts = [bytes([5, len(methods), *methods])]
+    if 2 in methods and 0 not in methods:
+        user, password = draw(st.binary(max_size=8)), draw(st.binary(max_size=8))
+        parts.append(bytes([1, len(user)]) + user + bytes([len(password)]) + password)
+    addr = draw(
+        st.one_of(
+            st.binary(min_size=4, max_size=4).map(lambda b: b"\x01" + b),
+            st.binary(min_size=16, max_size=16).map(lambda b: b"\x04" + b),
+            st.binary(max_size=12).map(lambda b: b"\x03" + bytes([len(b)]) + b),
+            st.text("abc.-", min_size=1, max_size=12).map(
+                lambda t: b"\x03" + bytes([len(t)]) + t.encode()
+            ),
+            st.binary(max_size=6).map(lambda b: b"\x02" + b),  # Unknown ATYP.
+        )
+    )
+    command = draw(st.sampled_from([1, 2, 3, 0, 4]))
+    port = draw(st.integers(0, 0xFFFF)).to_bytes(2, "big")
+    parts.append(bytes([5, command, draw(st.integers(0, 255))]) + addr + port)
+    parts.append(draw(st.binary(max_size=16)))
+    data = bytearray(b"".join(parts))
+    for _ in range(draw(st.integers(0, 2))):
+        if data:
+            i = draw(st.integers(0, len(data) - 1))
+            data[i] = draw(st.integers(0, 255))
+    return bytes(data[: draw(st.integers(0, len(data)))] if draw(st.booleans()) else data)
+
+
+@st.composite
+def chunkings(draw: st.DrawFn) -> list[bytes]:
+    data = draw(st.one_of(socks_streams(), socks_streams(), st.binary(max_size=64)))
+    cuts = sorted(draw(st.sets(st.integers(0, len(data)), max_size=8)))
+    edges = [0, *cuts, len(data)]
+    return [data[a:b] for a, b in zip(edges, edges[1:], strict=False)]
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(chunks=chunkings(), eof=st.booleans())
+def test_any_input_in_any_chunking_gives_the_same_events(chunks: list[bytes], eof: bool) -> None:
+    data = b"".join(chunks)
+    whole = drive([data], eof)
+    assert drive(chunks, eof) == whole
+    assert drive([bytes([b]) for b in data], eof) == whole
