@@ -1,0 +1,264 @@
+"""The configuration tree: TOML in, frozen dataclasses out.
+
+Owns: the schema, defaults, the embedded default config and `load_config()`.
+Must not: open sockets or keep global state. Workers receive the `Config` explicitly.
+
+Every error names the dotted key it is about (`timeouts.connect: must be > 0`), and
+unknown keys are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from socksd.errors import ConfigError
+from socksd.passwords import PasswordHash, parse_hash
+
+DEFAULT_CONFIG_TOML = """\
+# socksd's embedded default: a SOCKS5 proxy on loopback, no authentication.
+listen = ["127.0.0.1:1080"]
+workers = "auto"
+"""
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """One address to accept SOCKS clients on."""
+
+    host: str
+    port: int
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds; see the `[timeouts]` section of etc/socksd.toml."""
+
+    handshake: float = 10.0
+    connect: float = 10.0
+    idle: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """RFC 1929 users; `method = "password"` makes them mandatory."""
+
+    method: Literal["none", "password"] = "none"
+    users: Mapping[str, PasswordHash] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class ResolverConfig:
+    threads: int = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole validated configuration."""
+
+    listen: tuple[ListenAddress, ...]
+    workers: int | Literal["auto"] = "auto"
+    timeouts: Timeouts = Timeouts()
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    log: LogConfig = LogConfig()
+    resolver: ResolverConfig = ResolverConfig()
+    source: str = "<embedded default>"
+
+    @property
+    def worker_count(self) -> int:
+        if self.workers == "auto":
+            return os.cpu_count() or 1
+        return self.workers
+
+
+class _Table:
+    """A TOML table being read, remembering its dotted path and which keys were used."""
+
+    def __init__(self, data: Mapping[str, Any], path: str) -> None:
+        self._data = data
+        self._path = path
+        self._used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self._path}.{name}" if self._path else name
+
+    def get(self, name: str, default: Any = None) -> Any:
+        self._used.add(name)
+        return self._data.get(name, default)
+
+    def table(self, name: str) -> _Table:
+        value = self.get(name, {})
+        if not isinstance(value, dict):
+            raise ConfigError(f"{self.key(name)}: must be a table")
+        return _Table(value, self.key(name))
+
+    def number(self, name: str, default: float) -> float:
+        value = self.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{self.key(name)}: must be a number, got {value!r}")
+        if value <= 0:
+            raise ConfigError(f"{self.key(name)}: must be > 0, got {value!r}")
+        return float(value)
+
+    def done(self) -> None:
+        unknown = sorted(set(self._data) - self._used)
+        if unknown:
+            raise ConfigError(f"{self.key(unknown[0])}: unknown key")
+
+
+def parse_listen(text: object, key: str = "listen") -> ListenAddress:
+    """Parse "host:port" or "[v6]:port"."""
+    if not isinstance(text, str):
+        raise ConfigError(f'{key}: must be a string "host:port", got {text!r}')
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f'{key}: {text!r} is not "host:port" (IPv6 as "[::1]:1080")')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        want_v6 = True
+    else:
+        want_v6 = False
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"{key}: {host!r} is not an IP address") from None
+    if (ip.version == 6) != want_v6:
+        raise ConfigError(f'{key}: write IPv6 addresses in brackets, as "[::1]:1080"')
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{key}: port {port_text!r} is not in 0..65535")
+    return ListenAddress(ip.compressed, int(port_text))
+
+
+def _parse_workers(value: object) -> int | Literal["auto"]:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f'workers: must be "auto" or an integer >= 1, got {value!r}')
+    return value
+
+
+def _parse_auth(t: _Table) -> AuthConfig:
+    method = t.get("method", "none")
+    if method not in ("none", "password"):
+        raise ConfigError(f'{t.key("method")}: must be "none" or "password", got {method!r}')
+    users_t = t.table("users")
+    users: dict[str, PasswordHash] = {}
+    for name in list(users_t._data):
+        encoded = users_t.get(name)
+        if not 1 <= len(name.encode("utf-8")) <= 255:
+            raise ConfigError(f"{users_t.key(name)}: user names are 1..255 bytes (RFC 1929)")
+        if not isinstance(encoded, str):
+            raise ConfigError(f"{users_t.key(name)}: must be a password hash string")
+        try:
+            users[name] = parse_hash(encoded)
+        except ValueError as exc:
+            raise ConfigError(f"{users_t.key(name)}: {exc}") from None
+    t.done()
+    if method == "password" and not users:
+        raise ConfigError('auth.users: method is "password" but no user is configured')
+    return AuthConfig(method=method, users=users)
+
+
+def parse_config(data: Mapping[str, Any], source: str) -> Config:
+    """Validate a decoded TOML document into a `Config`."""
+    root = _Table(data, "")
+    listen_raw = root.get("listen", ["127.0.0.1:1080"])
+    if not isinstance(listen_raw, list) or not listen_raw:
+        raise ConfigError('listen: must be a non-empty list of "host:port" strings')
+    listen = tuple(parse_listen(item, f"listen[{i}]") for i, item in enumerate(listen_raw))
+    if len(set(listen)) != len(listen):
+        raise ConfigError("listen: an address is listed twice")
+    workers = _parse_workers(root.get("workers", "auto"))
+
+    tt = root.table("timeouts")
+    default = Timeouts()
+    timeouts = Timeouts(
+        handshake=tt.number("handshake", default.handshake),
+        connect=tt.number("connect", default.connect),
+        idle=tt.number("idle", default.idle),
+    )
+    tt.done()
+
+    auth = _parse_auth(root.table("auth"))
+
+    lt = root.table("log")
+    level = lt.get("level", "info")
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"log.level: must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    lt.done()
+
+    rt = root.table("resolver")
+    threads = rt.get("threads", ResolverConfig().threads)
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 64:
+        raise ConfigError(f"resolver.threads: must be an integer in 1..64, got {threads!r}")
+    rt.done()
+
+    root.done()
+    return Config(
+        listen=listen,
+        workers=workers,
+        timeouts=timeouts,
+        auth=auth,
+        log=LogConfig(level=level),
+        resolver=ResolverConfig(threads=threads),
+        source=source,
+    )
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read and validate a config file, or the embedded default when `path` is None.
+
+    Raises:
+        ConfigError: unreadable file, bad TOML, unknown key or bad value.
+    """
+    if path is None:
+        return parse_config(tomllib.loads(DEFAULT_CONFIG_TOML), "<embedded default>")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {os.fspath(path)!r}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{os.fspath(path)}: invalid TOML: {exc}") from None
+    return parse_config(data, os.fspath(path))
+
+
+def with_overrides(
+    config: Config, listen: list[str] | None = None, workers: str | None = None
+) -> Config:
+    """Apply command-line overrides (they win over the file)."""
+    if listen:
+        parsed = tuple(parse_listen(item, "--listen") for item in listen)
+        config = replace(config, listen=parsed)
+    if workers is not None:
+        value: object = workers if workers == "auto" else _int_or_text(workers)
+        config = replace(config, workers=_parse_workers(value))
+    return config
+
+
+def _int_or_text(text: str) -> int | str:
+    try:
+        return int(text)
+    except ValueError:
+        return text

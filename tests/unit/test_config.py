@@ -1,0 +1,118 @@
+"""Config parsing: good and bad TOML, defaults, overrides, dotted-key errors."""
+
+from __future__ import annotations
+
+import socket
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from socksd.config import (
+    Config,
+    ListenAddress,
+    load_config,
+    parse_config,
+    parse_listen,
+    with_overrides,
+)
+from socksd.errors import ConfigError
+from socksd.passwords import hash_password
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _parse(text: str) -> Config:
+    return parse_config(tomllib.loads(text), "<test>")
+
+
+def test_embedded_default():
+    config = load_config(None)
+    assert config.listen == (ListenAddress("127.0.0.1", 1080),)
+    assert config.workers == "auto"
+    assert config.auth.method == "none"
+    assert (config.timeouts.handshake, config.timeouts.connect, config.timeouts.idle) == (
+        10.0,
+        10.0,
+        300.0,
+    )
+    assert config.worker_count >= 1
+
+
+def test_example_config_is_valid():
+    config = load_config(REPO / "etc" / "socksd.toml")
+    assert config.listen == (ListenAddress("127.0.0.1", 1080),)
+    assert config.log.level == "info"
+
+
+def test_full_config():
+    h = hash_password("pw")
+    config = _parse(
+        'listen = ["0.0.0.0:1080", "[::1]:1081"]\nworkers = 3\n'
+        "[timeouts]\nhandshake = 1\nconnect = 2.5\nidle = 60\n"
+        f'[auth]\nmethod = "password"\n[auth.users]\nalice = "{h}"\n'
+        '[log]\nlevel = "debug"\n[resolver]\nthreads = 2\n'
+    )
+    assert config.listen[1] == ListenAddress("::1", 1081)
+    assert config.listen[1].family == socket.AF_INET6
+    assert str(config.listen[1]) == "[::1]:1081"
+    assert config.workers == 3 and config.worker_count == 3
+    assert config.timeouts.connect == 2.5
+    assert set(config.auth.users) == {"alice"}
+    assert config.resolver.threads == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('listen = ["127.0.0.1:1080"]\nlisten_typo = 1\n', "listen_typo"),
+        ("[timeouts]\nconect = 3\n", "timeouts.conect"),
+        ("[timeouts]\nconnect = 0\n", "timeouts.connect"),
+        ('[timeouts]\nidle = "5"\n', "timeouts.idle"),
+        ("[timeouts]\nhandshake = true\n", "timeouts.handshake"),
+        ('listen = ["localhost:1080"]\n', "listen[0]"),
+        ('listen = ["127.0.0.1:99999"]\n', "listen[0]"),
+        ('listen = ["::1:1080"]\n', "listen[0]"),
+        ("listen = []\n", "listen"),
+        ('listen = ["127.0.0.1:1", "127.0.0.1:1"]\n', "listen"),
+        ("workers = 0\n", "workers"),
+        ('workers = "many"\n', "workers"),
+        ('[auth]\nmethod = "gssapi"\n', "auth.method"),
+        ('[auth]\nmethod = "password"\n', "auth.users"),
+        ('[auth.users]\nbob = "plaintext"\n', "auth.users.bob"),
+        ('[log]\nlevel = "loud"\n', "log.level"),
+        ("[resolver]\nthreads = 0\n", "resolver.threads"),
+        ("timeouts = 5\n", "timeouts"),
+    ],
+)
+def test_bad_values_name_the_dotted_key(text, key):
+    with pytest.raises(ConfigError) as err:
+        _parse(text)
+    assert str(err.value).startswith(f"{key}:"), str(err.value)
+    assert err.value.exit_code == 2
+
+
+def test_unreadable_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("listen = [\n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(bad)
+
+
+def test_overrides_win_over_file():
+    config = with_overrides(load_config(None), ["[::1]:2000", "127.0.0.2:2001"], "2")
+    assert config.listen == (ListenAddress("::1", 2000), ListenAddress("127.0.0.2", 2001))
+    assert config.workers == 2
+    assert with_overrides(config, None, "auto").workers == "auto"
+    with pytest.raises(ConfigError, match="^--listen:"):
+        with_overrides(config, ["nope"], None)
+    with pytest.raises(ConfigError, match="^workers:"):
+        with_overrides(config, None, "-1")
+
+
+def test_parse_listen_forms():
+    assert parse_listen("127.0.0.1:0") == ListenAddress("127.0.0.1", 0)
+    assert parse_listen("[::]:1080") == ListenAddress("::", 1080)
+    assert parse_listen("[0:0::1]:5") == ListenAddress("::1", 5)
