@@ -1,0 +1,58 @@
+"""Listening sockets, opened before any worker starts.
+
+Owns: creating, binding and listening the SOCKS sockets, with clear errors.
+Must not: accept connections (workers do).
+
+Each socket has SO_REUSEPORT so that several workers (one socket each) can share an
+address; IPv6 sockets are IPv6-only, so "0.0.0.0:1080" and "[::]:1080" can both be
+listed and each client keeps its own address family end to end.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from socksd.config import ListenAddress
+from socksd.errors import ListenError
+
+BACKLOG = 4096
+
+
+def open_listener(address: ListenAddress) -> socket.socket:
+    """Bind and listen on `address`.
+
+    Raises:
+        ListenError: the address is in use, not configured on this host, or not allowed.
+    """
+    sock = socket.socket(address.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if address.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address.host, address.port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot listen on {address}: {exc.strerror}") from None
+    return sock
+
+
+def open_listeners(addresses: tuple[ListenAddress, ...]) -> list[socket.socket]:
+    """Open every listen address, or none: on error, close what was opened and raise."""
+    opened: list[socket.socket] = []
+    try:
+        for address in addresses:
+            opened.append(open_listener(address))
+    except ListenError:
+        for sock in opened:
+            sock.close()
+        raise
+    return opened
+
+
+def describe(sock: socket.socket) -> str:
+    """ "host:port" of a bound socket, IPv6 in brackets."""
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,1 @@
+"""What runs inside a socksd worker process: loop, sessions, relay, egress."""

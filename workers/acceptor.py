@@ -1,0 +1,90 @@
+"""Accepting clients on the worker's listening sockets.
+
+Owns: a bounded accept burst per readiness event, per-client socket options, handing
+each client to a new `Session`, and backing off when file descriptors run out.
+Must not: read from clients.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from socksd import policy
+from workers.context import WorkerContext
+from workers.loop import EVENT_READ
+from workers.session import Session
+
+# Accepting in bursts keeps one busy listener from starving established tunnels.
+ACCEPT_BURST = 64
+# Out of fds: stop accepting this long instead of spinning on a readable listener.
+FD_BACKOFF = 0.1
+_FD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class Acceptor:
+    """Readiness handler of one listening socket."""
+
+    __slots__ = ("_ctx", "sock", "_paused", "address")
+
+    def __init__(self, ctx: WorkerContext, sock: socket.socket, address: str) -> None:
+        self._ctx = ctx
+        self.sock = sock
+        self.address = address
+        self._paused = False
+        ctx.loop.register(sock, EVENT_READ, self)
+
+    def on_readable(self) -> None:
+        ctx = self._ctx
+        for _ in range(ACCEPT_BURST):
+            try:
+                client, peer = self.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in _FD_ERRNOS:
+                    self._pause(exc)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue  # the client gave up in the accept queue: not our error
+                raise
+            try:
+                client.setblocking(False)
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # The address the client connected to: with a wildcard listener only the
+                # accepted socket knows which of the host's IPs that was.
+                ingress_ip = policy.normalize_ip(client.getsockname()[0])
+            except OSError:
+                client.close()  # reset before we looked at it
+                continue
+            Session(ctx, client, peer, ingress_ip)
+
+    def _pause(self, exc: OSError) -> None:
+        if self._paused:
+            return
+        self._paused = True
+        self._ctx.loop.unregister(self.sock)
+        self._ctx.log.warning(
+            "accept_paused",
+            listen=self.address,
+            errno=errno.errorcode.get(exc.errno or 0, "?").lower(),
+            backoff_s=FD_BACKOFF,
+        )
+        self._ctx.loop.call_later(FD_BACKOFF, self._resume)
+
+    def _resume(self) -> None:
+        if self._paused and self.sock.fileno() >= 0:
+            self._paused = False
+            self._ctx.loop.register(self.sock, EVENT_READ, self)
+
+    def on_writable(self) -> None:  # pragma: no cover - registered for read only
+        raise AssertionError("acceptor registered for write")
+
+    def on_crash(self, exc: BaseException) -> None:
+        self._ctx.log.error("accept_failed", listen=self.address, exc_info=exc)
+
+    def close(self) -> None:
+        if not self._paused:
+            self._ctx.loop.unregister(self.sock)
+        self._paused = True
+        self.sock.close()

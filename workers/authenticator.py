@@ -1,0 +1,81 @@
+"""RFC 1929 credential checks without blocking the loop.
+
+Owns: looking up users, running scrypt in the worker's pool, a bounded cache of
+recently verified credentials.
+Must not: log or keep clear-text passwords (the cache holds keyed digests).
+
+scrypt costs ~40 ms, so every check runs off the loop; a customer opening thousands of
+tunnels a second with the same credentials pays it once per worker, then hits the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+
+from socksd.passwords import PasswordHash, hash_password, parse_hash, verify_password
+from workers.resolver import Resolver
+
+_CACHE_SIZE = 4096
+Verdict = Callable[[bool], None]
+
+
+class Authenticator:
+    """Checks username/password pairs against the configured hashes."""
+
+    def __init__(self, users: Mapping[str, PasswordHash], pool: Resolver) -> None:
+        self._users = users
+        self._pool = pool
+        self._key = os.urandom(32)
+        self._cache: OrderedDict[bytes, None] = OrderedDict()
+        # Unknown users are checked against a dummy hash so that their answer takes as
+        # long as a wrong password for a real user.
+        self._dummy = parse_hash(hash_password(os.urandom(16)))
+
+    def _cache_key(self, username: bytes, password: bytes) -> bytes:
+        return hmac.digest(self._key, username + b"\0" + password, hashlib.sha256)
+
+    def check(self, username: bytes, password: bytes, verdict: Verdict) -> None:
+        """Call `verdict(ok)` on the loop: at once on a cache hit, else after scrypt."""
+        key = self._cache_key(username, password)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            verdict(True)
+            return
+        try:
+            stored = self._users.get(username.decode("utf-8"))
+        except UnicodeDecodeError:
+            stored = None
+        known = stored is not None
+        self._pool.run_blocking(
+            verify_password,
+            _Pending(self, key, known, verdict).done,
+            password,
+            stored or self._dummy,
+        )
+
+    def remember(self, key: bytes) -> None:
+        self._cache[key] = None
+        if len(self._cache) > _CACHE_SIZE:
+            self._cache.popitem(last=False)
+
+
+class _Pending:
+    """One scrypt check in flight."""
+
+    __slots__ = ("_auth", "_key", "_known", "_verdict")
+
+    def __init__(self, auth: Authenticator, key: bytes, known: bool, verdict: Verdict) -> None:
+        self._auth = auth
+        self._key = key
+        self._known = known
+        self._verdict = verdict
+
+    def done(self, ok: bool | None, error: BaseException | None) -> None:
+        ok = bool(ok) and self._known and error is None
+        if ok:
+            self._auth.remember(self._key)
+        self._verdict(ok)

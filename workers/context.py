@@ -1,0 +1,38 @@
+"""What every session of one worker shares.
+
+Owns: the per-worker singletons (loop, resolver pool, authenticator, read buffer) and
+the registry of open connections used at shutdown.
+Must not: hold per-connection state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from socksd.config import Config
+from workers.authenticator import Authenticator
+from workers.loop import Loop
+from workers.resolver import Resolver
+
+RELAY_BUFFER = 64 * 1024
+
+
+class Closable(Protocol):
+    def close(self, reason: str, abortive: bool = False) -> None: ...
+
+
+@dataclass(slots=True, eq=False)
+class WorkerContext:
+    loop: Loop
+    config: Config
+    resolver: Resolver
+    authenticator: Authenticator | None
+    log: Any
+    buffer: memoryview = field(default_factory=lambda: memoryview(bytearray(RELAY_BUFFER)))
+    open: set[Closable] = field(default_factory=set)
+    _conn_seq: int = 0
+
+    def next_conn_id(self) -> int:
+        self._conn_seq += 1
+        return self._conn_seq

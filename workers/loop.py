@@ -1,0 +1,203 @@
+"""The worker's event loop: a selector, a timer heap and a thread-safe wake-up.
+
+Owns: readiness dispatch, timers on the monotonic clock, `call_soon_threadsafe`.
+Must not: know sessions or SOCKS; it only calls `on_readable`/`on_writable`/`on_crash`
+on the handler object registered with each file object.
+
+One tick = select (until the next timer at most), dispatch ready handlers, run due
+timers, run callbacks posted from threads (the resolver pool).
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import selectors
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from socksd.logs import get_logger
+
+EVENT_READ = selectors.EVENT_READ
+EVENT_WRITE = selectors.EVENT_WRITE
+
+
+class Handler(Protocol):
+    """What the loop calls for a registered file object."""
+
+    def on_readable(self) -> None: ...
+    def on_writable(self) -> None: ...
+    def on_crash(self, exc: BaseException) -> None: ...
+
+
+class Timer:
+    """A cancellable timer handle returned by `Loop.call_later`."""
+
+    __slots__ = ("when", "callback", "args", "cancelled", "_seq")
+
+    def __init__(
+        self, when: float, seq: int, callback: Callable[..., object], args: tuple[Any, ...]
+    ) -> None:
+        self.when = when
+        self._seq = seq
+        self.callback = callback
+        self.args = args
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        # Drop references so a cancelled timer does not keep a session alive.
+        self.callback = _noop
+        self.args = ()
+
+    def __lt__(self, other: Timer) -> bool:
+        return (self.when, self._seq) < (other.when, other._seq)
+
+
+def _noop(*_: object) -> None:
+    return None
+
+
+class _Wakeup:
+    """Read end of the eventfd that threads write to after posting a callback."""
+
+    def __init__(self, loop: Loop) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._loop = loop
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def on_readable(self) -> None:
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass  # another tick already drained it; the queue is run every tick anyway
+
+    def on_writable(self) -> None:  # pragma: no cover - never registered for write
+        raise AssertionError("wakeup fd registered for write")
+
+    def on_crash(self, exc: BaseException) -> None:
+        raise exc
+
+
+class Loop:
+    """A single-threaded selectors loop with timers."""
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._timers: list[Timer] = []
+        self._seq = 0
+        self._posted: deque[tuple[Callable[..., object], tuple[Any, ...]]] = deque()
+        self._wakeup = _Wakeup(self)
+        self._selector.register(self._wakeup, EVENT_READ, self._wakeup)
+        self._running = False
+        self._log = get_logger()
+        self.now = time.monotonic()
+
+    # -- registration ---------------------------------------------------------------
+
+    def register(self, fileobj: Any, events: int, handler: Handler) -> None:
+        self._selector.register(fileobj, events, handler)
+
+    def modify(self, fileobj: Any, events: int, handler: Handler) -> None:
+        self._selector.modify(fileobj, events, handler)
+
+    def unregister(self, fileobj: Any) -> None:
+        self._selector.unregister(fileobj)
+
+    # -- timers and cross-thread posts ----------------------------------------------
+
+    def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> Timer:
+        """Run `callback(*args)` after `delay` seconds (monotonic clock)."""
+        self._seq += 1
+        timer = Timer(time.monotonic() + delay, self._seq, callback, args)
+        heapq.heappush(self._timers, timer)
+        return timer
+
+    def call_soon_threadsafe(self, callback: Callable[..., object], *args: Any) -> None:
+        """Post `callback(*args)` from any thread; it runs in the loop's next tick."""
+        self._posted.append((callback, args))
+        os.eventfd_write(self._wakeup.fd, 1)
+
+    # -- running --------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._running = False
+
+    def run(self) -> None:
+        """Run ticks until `stop()`."""
+        self._running = True
+        while self._running:
+            self.run_once()
+
+    def run_once(self) -> None:
+        timeout = self._next_timeout()
+        ready = self._selector.select(timeout)
+        self.now = time.monotonic()
+        fd_map = self._selector.get_map()
+        for key, mask in ready:
+            # A handler earlier in this batch may have closed this fd, or closed it and
+            # registered a new socket under the same number: only dispatch a key that is
+            # still the registered one.
+            if fd_map.get(key.fd) is not key:
+                continue
+            handler: Handler = key.data
+            try:
+                if mask & EVENT_READ:
+                    handler.on_readable()
+                if mask & EVENT_WRITE and fd_map.get(key.fd) is key:
+                    handler.on_writable()
+            except Exception as exc:  # noqa: BLE001 - dispatch boundary: contain and log
+                self._crash(handler, exc)
+        self._run_timers()
+        self._run_posted()
+
+    def _next_timeout(self) -> float | None:
+        if self._posted:
+            return 0.0
+        timers = self._timers
+        while timers and timers[0].cancelled:
+            heapq.heappop(timers)
+        if not timers:
+            return None
+        return max(0.0, timers[0].when - time.monotonic())
+
+    def _run_timers(self) -> None:
+        timers = self._timers
+        now = self.now
+        while timers and timers[0].when <= now:
+            timer = heapq.heappop(timers)
+            if timer.cancelled:
+                continue
+            callback, args = timer.callback, timer.args
+            timer.cancel()
+            try:
+                callback(*args)
+            except Exception as exc:  # noqa: BLE001 - dispatch boundary
+                self._crash(getattr(callback, "__self__", None), exc)
+
+    def _run_posted(self) -> None:
+        posted = self._posted
+        for _ in range(len(posted)):
+            callback, args = posted.popleft()
+            try:
+                callback(*args)
+            except Exception as exc:  # noqa: BLE001 - dispatch boundary
+                self._crash(getattr(callback, "__self__", None), exc)
+
+    def _crash(self, handler: object, exc: Exception) -> None:
+        on_crash = getattr(handler, "on_crash", None)
+        if on_crash is None:
+            self._log.error("loop_callback_crashed", exc_info=exc)
+            return
+        on_crash(exc)
+
+    def pending_timers(self) -> int:
+        return sum(1 for t in self._timers if not t.cancelled)
+
+    def close(self) -> None:
+        self._selector.close()
+        os.close(self._wakeup.fd)

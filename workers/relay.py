@@ -1,0 +1,243 @@
+"""The byte pump between a client and its target, once the tunnel is up.
+
+Owns: reading and writing both sockets, back-pressure, half-close, idle timeout, byte
+counters, closing both sockets, the `tunnel_closed` log line.
+Must not: know SOCKS; the session hands over two connected sockets, the bytes still
+owed to each side (the reply, the client's early payload) and a bound logger.
+
+Memory: reads go into one buffer shared by the whole worker; a tunnel holds bytes only
+when a send was partial, at most one read (`buffer` size) per direction, and stops
+reading the source until they are flushed. An idle tunnel owns no buffer at all.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import Any
+
+from workers.egress import abort
+from workers.loop import EVENT_READ, EVENT_WRITE, Loop, Timer
+
+_DISCONNECTS = (ConnectionError, TimeoutError)
+
+
+class _Side:
+    """One socket of a tunnel and the bytes owed to it."""
+
+    __slots__ = ("sock", "relay", "peer", "pending", "eof", "wr_closed", "mask", "sent")
+
+    def __init__(self, sock: socket.socket, relay: Relay, pending: bytes) -> None:
+        self.sock = sock
+        self.relay = relay
+        self.peer: _Side = self
+        self.pending = pending  # bytes owed to this socket
+        self.eof = False  # this socket sent FIN: nothing more to read from it
+        self.wr_closed = False  # we sent FIN to this socket
+        self.mask = 0  # events currently registered
+        self.sent = 0  # bytes written to this socket
+
+    def on_readable(self) -> None:
+        self.relay.pump(self)
+
+    def on_writable(self) -> None:
+        self.relay.flush(self)
+
+    def on_crash(self, exc: BaseException) -> None:
+        self.relay.crash(exc)
+
+
+class Relay:
+    """Bidirectional non-blocking relay with back-pressure and half-close."""
+
+    __slots__ = (
+        "_loop",
+        "_view",
+        "_size",
+        "client",
+        "upstream",
+        "_log",
+        "_started",
+        "_idle",
+        "_last",
+        "_timer",
+        "closed",
+        "_registry",
+        "_reply_len",
+    )
+
+    def __init__(
+        self,
+        loop: Loop,
+        buffer: memoryview,
+        client: socket.socket,
+        upstream: socket.socket,
+        *,
+        to_client: bytes,
+        to_upstream: bytes,
+        log: Any,
+        started: float,
+        idle_timeout: float,
+        registry: set[Any],
+    ) -> None:
+        self._loop = loop
+        self._view = buffer
+        self._size = len(buffer)
+        self.client = _Side(client, self, to_client)
+        self.upstream = _Side(upstream, self, to_upstream)
+        self.client.peer = self.upstream
+        self.upstream.peer = self.client
+        self._log = log
+        self._reply_len = len(to_client)  # the SOCKS reply is not tunnel payload
+        self._started = started
+        self._idle = idle_timeout
+        self._last = loop.now
+        self.closed = False
+        self._registry = registry
+        registry.add(self)
+        self._timer: Timer = loop.call_later(idle_timeout, self._check_idle)
+        for side in (self.client, self.upstream):
+            if side.pending:
+                self.flush(side)
+                if self.closed:
+                    return
+        self._update(self.client)
+        self._update(self.upstream)
+
+    # -- data movement --------------------------------------------------------------
+
+    def pump(self, src: _Side) -> None:
+        """`src` is readable: move one read's worth of bytes to its peer."""
+        dst = src.peer
+        try:
+            n = src.sock.recv_into(self._view, self._size)
+        except BlockingIOError:
+            return
+        except _DISCONNECTS as exc:
+            self._abort(src, exc)
+            return
+        self._last = self._loop.now
+        if n == 0:
+            src.eof = True
+            if not dst.pending:
+                self._shutdown_write(dst)
+            self._after_change(src)
+            return
+        try:
+            sent = dst.sock.send(self._view[:n])
+        except BlockingIOError:
+            sent = 0
+        except _DISCONNECTS as exc:
+            self._abort(dst, exc)
+            return
+        dst.sent += sent
+        if sent < n:
+            # Back-pressure: keep the rest, stop reading src until dst drains it.
+            dst.pending = bytes(self._view[sent:n])
+            self._update(src)
+            self._update(dst)
+
+    def flush(self, dst: _Side) -> None:
+        """`dst` is writable: send what is owed to it."""
+        try:
+            sent = dst.sock.send(dst.pending)
+        except BlockingIOError:
+            sent = 0
+        except _DISCONNECTS as exc:
+            self._abort(dst, exc)
+            return
+        self._last = self._loop.now
+        dst.sent += sent
+        dst.pending = dst.pending[sent:]
+        if dst.pending:
+            self._update(dst)
+            return
+        if dst.peer.eof:
+            self._shutdown_write(dst)
+        self._after_change(dst.peer)
+
+    def _shutdown_write(self, side: _Side) -> None:
+        side.wr_closed = True
+        try:
+            side.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise
+
+    def _after_change(self, src: _Side) -> None:
+        if self._finished():
+            self.close("eof")
+            return
+        self._update(src)
+        self._update(src.peer)
+
+    def _finished(self) -> bool:
+        c, u = self.client, self.upstream
+        return c.eof and u.eof and c.wr_closed and u.wr_closed
+
+    def _update(self, side: _Side) -> None:
+        """Register exactly the events this side needs now."""
+        want = 0
+        if not side.eof and not side.peer.pending and not side.peer.wr_closed:
+            want |= EVENT_READ
+        if side.pending:
+            want |= EVENT_WRITE
+        if want == side.mask:
+            return
+        if side.mask == 0:
+            self._loop.register(side.sock, want, side)
+        elif want == 0:
+            self._loop.unregister(side.sock)
+        else:
+            self._loop.modify(side.sock, want, side)
+        side.mask = want
+
+    # -- endings --------------------------------------------------------------------
+
+    def _check_idle(self) -> None:
+        if self.closed:
+            return
+        quiet = self._loop.now - self._last
+        if quiet >= self._idle:
+            self.close("idle_timeout", abortive=True)
+        else:
+            self._timer = self._loop.call_later(self._idle - quiet, self._check_idle)
+
+    def _abort(self, side: _Side, exc: BaseException) -> None:
+        who = "client" if side is self.client else "upstream"
+        self.close(
+            f"{who}_{errno.errorcode.get(getattr(exc, 'errno', 0) or 0, 'error').lower()}",
+            abortive=True,
+        )
+
+    def crash(self, exc: BaseException) -> None:
+        self._log.error("tunnel_crashed", exc_info=exc)
+        self.close("crashed", abortive=True)
+
+    def close(self, reason: str, abortive: bool = False) -> None:
+        """Close both sockets and log the tunnel's one `tunnel_closed` line.
+
+        An abortive close resets both sides so neither mistakes a cut tunnel for a
+        complete stream.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        self._timer.cancel()
+        for side in (self.client, self.upstream):
+            if side.mask:
+                self._loop.unregister(side.sock)
+                side.mask = 0
+            if abortive:
+                abort(side.sock)
+            else:
+                side.sock.close()
+        self._log.info(
+            "tunnel_closed",
+            reply=0,
+            reason=reason,
+            bytes_up=self.upstream.sent,
+            bytes_down=max(0, self.client.sent - self._reply_len),
+            duration_ms=round((self._loop.now - self._started) * 1000, 1),
+        )
+        self._registry.discard(self)

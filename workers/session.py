@@ -1,0 +1,431 @@
+"""One client connection from accept until its tunnel is relaying (or refused).
+
+Owns: the SOCKS5 conversation (greeting -> auth -> request -> resolve -> connect ->
+reply), its timeouts, failure replies and the log line of a refused connection.
+Must not: pump tunnel bytes (`workers.relay`) or create upstream sockets
+(`workers.egress`).
+
+Phases: HANDSHAKE -> [AUTHENTICATING -> HANDSHAKE] -> RESOLVING -> CONNECTING ->
+RELAYING, or -> DRAINING -> CLOSED after a failure reply. Every change goes through
+`_transition()`, which rejects a change the table does not list.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import deque
+from enum import Enum, auto
+from typing import Any
+
+from socksd import policy
+from socksd.socks5 import (
+    NEED_DATA,
+    AddressType,
+    AuthStatus,
+    Command,
+    CommandReply,
+    CommandRequest,
+    ConnectionClosed,
+    Greeting,
+    Method,
+    MethodSelection,
+    ProtocolError,
+    Reply,
+    Socks5ServerConnection,
+    UserPassAuth,
+    choose_method,
+)
+from workers import egress
+from workers.context import WorkerContext
+from workers.loop import EVENT_READ, EVENT_WRITE
+from workers.relay import Relay
+
+# Largest handshake message is 513 bytes (RFC 1929); the rest of this allowance is for a
+# client's first payload sent before our reply (it is relayed, never dropped).
+HANDSHAKE_BUFFER = 64 * 1024
+_RECV = 16 * 1024
+# After a failure reply, how long we wait for the client to read it and close before we
+# close ourselves (RFC 1928 section 6 allows up to 10 s).
+DRAIN_TIMEOUT = 2.0
+
+
+class Phase(Enum):
+    HANDSHAKE = auto()
+    AUTHENTICATING = auto()
+    RESOLVING = auto()
+    CONNECTING = auto()
+    RELAYING = auto()
+    DRAINING = auto()
+    CLOSED = auto()
+
+
+_ALLOWED: dict[Phase, frozenset[Phase]] = {
+    Phase.HANDSHAKE: frozenset(
+        {Phase.AUTHENTICATING, Phase.RESOLVING, Phase.CONNECTING, Phase.DRAINING, Phase.CLOSED}
+    ),
+    Phase.AUTHENTICATING: frozenset({Phase.HANDSHAKE, Phase.DRAINING, Phase.CLOSED}),
+    Phase.RESOLVING: frozenset({Phase.CONNECTING, Phase.DRAINING, Phase.CLOSED}),
+    Phase.CONNECTING: frozenset({Phase.RELAYING, Phase.DRAINING, Phase.CLOSED}),
+    Phase.DRAINING: frozenset({Phase.CLOSED}),
+    Phase.RELAYING: frozenset(),
+    Phase.CLOSED: frozenset(),
+}
+
+
+def _format_target(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Session:
+    """The SOCKS5 handshake of one client, driven by loop callbacks."""
+
+    __slots__ = (
+        "_ctx",
+        "_loop",
+        "client",
+        "_codec",
+        "phase",
+        "_out",
+        "_mask",
+        "_started",
+        "log",
+        "_ingress_ip",
+        "_timer",
+        "_candidates",
+        "_connector",
+        "_failure",
+        "_user",
+        "_eof",
+    )
+
+    def __init__(
+        self, ctx: WorkerContext, client: socket.socket, peer: tuple[Any, ...], ingress_ip: str
+    ) -> None:
+        self._ctx = ctx
+        self._loop = ctx.loop
+        self.client = client
+        self._codec = Socks5ServerConnection(max_buffer=HANDSHAKE_BUFFER)
+        self.phase = Phase.HANDSHAKE
+        self._out = b""
+        self._mask = 0
+        self._started = self._loop.now
+        self._ingress_ip = ingress_ip
+        self.log = ctx.log.bind(
+            conn_id=ctx.next_conn_id(),
+            client=_format_target(policy.normalize_ip(peer[0]), peer[1]),
+            ingress_ip=ingress_ip,
+        )
+        self._candidates: deque[tuple[str, socket.AddressFamily, tuple[Any, ...]]] = deque()
+        self._connector: egress.Connector | None = None
+        self._failure: egress.EgressFailed | None = None
+        self._user: str | None = None
+        self._eof = False  # the client's FIN was read: stop polling for reads
+        self._timer = self._loop.call_later(ctx.config.timeouts.handshake, self._on_timeout)
+        ctx.open.add(self)
+        self._update()
+
+    # -- loop callbacks ---------------------------------------------------------------
+
+    def on_readable(self) -> None:
+        try:
+            data = self.client.recv(_RECV)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._end_quietly(f"client_{type(exc).__name__}")
+            return
+        if self.phase is Phase.DRAINING:
+            if not data:
+                self._finish()
+            return  # discard: the client is told already, we only wait for its FIN
+        if not data:
+            self._eof = True
+            self._update()
+        try:
+            self._codec.receive_data(data)
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        self._process()
+
+    def on_writable(self) -> None:
+        self._flush()
+
+    def on_crash(self, exc: BaseException) -> None:
+        self.log.error("session_crashed", phase=self.phase.name.lower(), exc_info=exc)
+        self._finish()
+
+    # -- the conversation -------------------------------------------------------------
+
+    def _process(self) -> None:
+        while self.phase is Phase.HANDSHAKE:
+            try:
+                event = self._codec.next_event()
+            except ProtocolError as exc:
+                self._protocol_error(exc)
+                return
+            if event is NEED_DATA:
+                return
+            if isinstance(event, Greeting):
+                self._on_greeting(event)
+            elif isinstance(event, UserPassAuth):
+                self._on_auth(event)
+            elif isinstance(event, CommandRequest):
+                self._on_request(event)
+            elif isinstance(event, ConnectionClosed):
+                self._end_quietly("client_closed")
+
+    def _on_greeting(self, event: Greeting) -> None:
+        acceptable = (Method.USERNAME_PASSWORD,) if self._ctx.authenticator else (Method.NO_AUTH,)
+        method = choose_method(event.methods, acceptable)
+        self._write(self._codec.send(MethodSelection(method)))
+        if method == Method.NO_ACCEPTABLE:
+            # RFC 1928 section 3: reply X'FF' and close.
+            self._handshake_failed("no_acceptable_method", offered=list(event.methods))
+
+    def _on_auth(self, event: UserPassAuth) -> None:
+        assert self._ctx.authenticator is not None  # the codec only asks after 0x02
+        self._user = event.username.decode("utf-8", "replace")
+        self._transition(Phase.AUTHENTICATING)
+        self._update()
+        self._ctx.authenticator.check(event.username, event.password, self._on_auth_verdict)
+
+    def _on_auth_verdict(self, ok: bool) -> None:
+        if self.phase is not Phase.AUTHENTICATING:
+            return  # timed out or closed while scrypt ran
+        self._write(self._codec.send(AuthStatus(ok)))
+        if not ok:
+            # RFC 1929: a non-zero status MUST be followed by closing the connection.
+            self._handshake_failed("auth_failed", user=self._user)
+            return
+        self.log = self.log.bind(user=self._user)
+        self._transition(Phase.HANDSHAKE)
+        self._update()
+        self._process()
+
+    def _on_request(self, event: CommandRequest) -> None:
+        self.log = self.log.bind(
+            target=_format_target(event.host, event.port), command=event.command.name.lower()
+        )
+        if event.command is not Command.CONNECT:
+            self._reply_failure(Reply.COMMAND_NOT_SUPPORTED, "command_not_supported")
+            return
+        self._timer.cancel()
+        self._timer = self._loop.call_later(self._ctx.config.timeouts.connect, self._on_timeout)
+        if event.address_type is AddressType.DOMAINNAME:
+            self._transition(Phase.RESOLVING)
+            self._update()
+            self._ctx.resolver.resolve(event.host, event.port, self._on_resolved)
+            return
+        family = socket.AF_INET6 if event.address_type is AddressType.IPV6 else socket.AF_INET
+        self._start_connecting([(family, (event.host, event.port))])
+
+    def _on_resolved(self, addresses: Any, error: BaseException | None) -> None:
+        if self.phase is not Phase.RESOLVING:
+            return  # timed out or closed while the resolver ran
+        if error is not None or not addresses:
+            self._reply_failure(
+                Reply.HOST_UNREACHABLE, "name_not_resolved", error=str(error) if error else None
+            )
+            return
+        self._start_connecting(addresses)
+
+    def _start_connecting(self, addresses: list[tuple[socket.AddressFamily, Any]]) -> None:
+        self._transition(Phase.CONNECTING)
+        self._update()
+        self._candidates = deque(policy.order_candidates(addresses, self._ingress_ip))
+        if not self._candidates:
+            # Never leave from another IP than the one the client came in on.
+            self._reply_failure(Reply.HOST_UNREACHABLE, "no_egress_for_family")
+            return
+        self._connect_next()
+
+    def _connect_next(self) -> None:
+        while self._candidates:
+            source, family, target = self._candidates.popleft()
+            try:
+                self._connector = egress.connect(self._loop, source, family, target, self)
+            except egress.EgressFailed as failure:
+                self._note_failure(failure, source, target)
+                continue
+            return
+        last = self._failure
+        assert last is not None
+        self._reply_failure(last.reply, last.reason, stage=last.stage)
+
+    def _note_failure(self, failure: egress.EgressFailed, source: str, target: Any) -> None:
+        self._failure = failure
+        fields = {
+            "stage": failure.stage,
+            "errno": failure.reason,
+            "source": source,
+            "address": _format_target(target[0], target[1]),
+        }
+        if failure.errno in egress.ADDRESS_ERRNOS:
+            # Our own problem (ports exhausted, or the ingress IP is not usable as a
+            # source): an operator must see it apart from targets refusing.
+            self.log.warning("egress_address_unavailable", **fields)
+        else:
+            self.log.debug("upstream_connect_failed", **fields)
+
+    def on_egress_failed(self, failure: egress.EgressFailed) -> None:
+        connector, self._connector = self._connector, None
+        if self.phase is not Phase.CONNECTING or connector is None:
+            return
+        self._note_failure(failure, connector.source, connector.target)
+        self._connect_next()
+
+    def on_egress_connected(self, upstream: socket.socket) -> None:
+        self._connector = None
+        self._timer.cancel()
+        self._transition(Phase.RELAYING)
+        bound = upstream.getsockname()
+        reply = self._codec.send(CommandReply(Reply.SUCCEEDED, bound[0], bound[1]))
+        if self._mask:
+            self._loop.unregister(self.client)
+            self._mask = 0
+        self._ctx.open.discard(self)
+        log = self.log.bind(egress=_format_target(bound[0], bound[1]))
+        log.debug("tunnel_opened")
+        Relay(
+            self._loop,
+            self._ctx.buffer,
+            self.client,
+            upstream,
+            to_client=self._out + reply,
+            to_upstream=self._codec.trailing_data,
+            log=log,
+            started=self._started,
+            idle_timeout=self._ctx.config.timeouts.idle,
+            registry=self._ctx.open,
+        )
+
+    # -- endings ------------------------------------------------------------------------
+
+    def _on_timeout(self) -> None:
+        if self.phase in (Phase.HANDSHAKE, Phase.AUTHENTICATING):
+            self._handshake_failed("handshake_timeout", drain=False)
+        elif self.phase in (Phase.RESOLVING, Phase.CONNECTING):
+            self._reply_failure(Reply.TTL_EXPIRED, "connect_timeout")
+        elif self.phase is Phase.DRAINING:
+            self._finish()
+
+    def _reply_failure(self, reply: Reply, reason: str, **fields: Any) -> None:
+        """Answer the request with a failure code, log the tunnel's line, then drain."""
+        if self._connector is not None:
+            self._connector.cancel()
+            self._connector = None
+        self._write(self._codec.send(CommandReply(reply)))
+        self.log.info(
+            "tunnel_closed",
+            reply=int(reply),
+            reason=reason,
+            bytes_up=0,
+            bytes_down=0,
+            duration_ms=self._elapsed_ms(),
+            **{k: v for k, v in fields.items() if v is not None},
+        )
+        self._drain()
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        if exc.reply:
+            self._write(exc.reply)
+        self._handshake_failed(exc.reason, drain=bool(exc.reply))
+
+    def _handshake_failed(self, reason: str, drain: bool = True, **fields: Any) -> None:
+        self.log.info("handshake_failed", reason=reason, duration_ms=self._elapsed_ms(), **fields)
+        if drain:
+            self._drain()
+        else:
+            self._finish()
+
+    def _end_quietly(self, reason: str) -> None:
+        """The client went away during the handshake."""
+        self._handshake_failed(reason, drain=False)
+
+    def _drain(self) -> None:
+        """Let the client read our last reply before we close (no RST over it)."""
+        if self.phase is Phase.CLOSED:
+            return
+        self._transition(Phase.DRAINING)
+        self._timer.cancel()
+        self._timer = self._loop.call_later(DRAIN_TIMEOUT, self._on_timeout)
+        if not self._out:
+            self._shutdown_write()
+        self._update()
+
+    def _shutdown_write(self) -> None:
+        try:
+            self.client.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._finish()
+
+    def close(self, reason: str, abortive: bool = False) -> None:
+        """Close now (worker shutdown)."""
+        if self.phase is not Phase.DRAINING:
+            self.log.info("handshake_failed", reason=reason, duration_ms=self._elapsed_ms())
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        self.phase = Phase.CLOSED
+        self._timer.cancel()
+        if self._connector is not None:
+            self._connector.cancel()
+            self._connector = None
+        if self._mask:
+            self._loop.unregister(self.client)
+            self._mask = 0
+        self.client.close()
+        self._ctx.open.discard(self)
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _transition(self, phase: Phase) -> None:
+        if phase not in _ALLOWED[self.phase]:
+            raise RuntimeError(f"session: illegal transition {self.phase.name} -> {phase.name}")
+        self.phase = phase
+
+    def _elapsed_ms(self) -> float:
+        return round((self._loop.now - self._started) * 1000, 1)
+
+    def _write(self, data: bytes) -> None:
+        self._out += data
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._out:
+            try:
+                sent = self.client.send(self._out)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._out = b""
+                if self.phase is not Phase.DRAINING:
+                    self._end_quietly(f"client_{type(exc).__name__}")
+                else:
+                    self._finish()
+                return
+            self._out = self._out[sent:]
+            if not self._out and self.phase is Phase.DRAINING:
+                self._shutdown_write()
+        self._update()
+
+    def _update(self) -> None:
+        if self.phase in (Phase.CLOSED, Phase.RELAYING):
+            return
+        want = EVENT_WRITE if self._out else 0
+        if self.phase is Phase.DRAINING or (
+            self.phase in (Phase.HANDSHAKE, Phase.AUTHENTICATING) and not self._eof
+        ):
+            want |= EVENT_READ
+        if want == self._mask:
+            return
+        if self._mask == 0:
+            self._loop.register(self.client, want, self)
+        elif want == 0:
+            self._loop.unregister(self.client)
+        else:
+            self._loop.modify(self.client, want, self)
+        self._mask = want
