@@ -73,6 +73,26 @@ class ResolverConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EgressMapping:
+    """Tunnels arriving on an address in `ingress` leave from `ipv4` / `ipv6`."""
+
+    ingress: ipaddress.IPv4Network | ipaddress.IPv6Network
+    ipv4: str | None = None
+    ipv6: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EgressConfig:
+    """Egress: source address mapping, exhaustion retries, port-pressure reporting."""
+
+    # Delays (s) before each retry of a connect() that failed with EADDRNOTAVAIL.
+    retry_delays: tuple[float, ...] = (0.01, 0.01, 0.01)
+    mappings: tuple[EgressMapping, ...] = ()
+    pressure_threshold: float = 0.8
+    max_tracked_targets: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole validated configuration."""
 
@@ -82,6 +102,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     log: LogConfig = LogConfig()
     resolver: ResolverConfig = ResolverConfig()
+    egress: EgressConfig = EgressConfig()
     source: str = "<embedded default>"
 
     @property
@@ -179,6 +200,74 @@ def _parse_auth(t: _Table) -> AuthConfig:
     return AuthConfig(method=method, users=users)
 
 
+def _parse_ip(value: object, key: str, version: int) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: must be an IP address string, got {value!r}")
+    try:
+        ip = ipaddress.ip_address(value)
+    except ValueError:
+        raise ConfigError(f"{key}: {value!r} is not an IP address") from None
+    if ip.version != version:
+        raise ConfigError(f"{key}: must be an IPv{version} address, got {value!r}")
+    return ip.compressed
+
+
+def _parse_network(value: object, key: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    if isinstance(value, str):
+        try:
+            return ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            pass
+    raise ConfigError(f"{key}: must be an IP address or CIDR, got {value!r}")
+
+
+def _parse_egress(t: _Table) -> EgressConfig:
+    default = EgressConfig()
+    rt = t.table("retry")
+    delays_raw = rt.get("delays", list(default.retry_delays))
+    if not isinstance(delays_raw, list) or len(delays_raw) > 20:
+        raise ConfigError(f"{rt.key('delays')}: must be a list of at most 20 delays (seconds)")
+    delays = []
+    for i, d in enumerate(delays_raw):
+        if isinstance(d, bool) or not isinstance(d, int | float) or not 0 <= d <= 60:
+            raise ConfigError(f"{rt.key('delays')}[{i}]: must be a number of seconds in 0..60")
+        delays.append(float(d))
+    rt.done()
+    maps_raw = t.get("map", [])
+    if not isinstance(maps_raw, list):
+        raise ConfigError(f"{t.key('map')}: must be an array of tables ([[egress.map]])")
+    mappings = []
+    for i, raw in enumerate(maps_raw):
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{t.key('map')}[{i}]: must be a table")
+        mt = _Table(raw, f"{t.key('map')}[{i}]")
+        ingress = _parse_network(mt.get("ingress"), mt.key("ingress"))
+        v4 = mt.get("ipv4")
+        v6 = mt.get("ipv6")
+        mapping = EgressMapping(
+            ingress=ingress,
+            ipv4=None if v4 is None else _parse_ip(v4, mt.key("ipv4"), 4),
+            ipv6=None if v6 is None else _parse_ip(v6, mt.key("ipv6"), 6),
+        )
+        if mapping.ipv4 is None and mapping.ipv6 is None:
+            raise ConfigError(f"{mt.key('ipv4')}: a mapping needs ipv4, ipv6 or both")
+        mt.done()
+        mappings.append(mapping)
+    threshold = t.number("pressure_threshold", default.pressure_threshold)
+    if threshold > 1:
+        raise ConfigError(f"{t.key('pressure_threshold')}: a fraction in (0, 1], got {threshold}")
+    tracked = t.get("max_tracked_targets", default.max_tracked_targets)
+    if isinstance(tracked, bool) or not isinstance(tracked, int) or not 16 <= tracked <= 1 << 20:
+        raise ConfigError(f"{t.key('max_tracked_targets')}: an integer in 16..1048576")
+    t.done()
+    return EgressConfig(
+        retry_delays=tuple(delays),
+        mappings=tuple(mappings),
+        pressure_threshold=threshold,
+        max_tracked_targets=tracked,
+    )
+
+
 def parse_config(data: Mapping[str, Any], source: str) -> Config:
     """Validate a decoded TOML document into a `Config`."""
     root = _Table(data, "")
@@ -213,6 +302,8 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         raise ConfigError(f"resolver.threads: must be an integer in 1..64, got {threads!r}")
     rt.done()
 
+    egress = _parse_egress(root.table("egress"))
+
     root.done()
     return Config(
         listen=listen,
@@ -221,6 +312,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         auth=auth,
         log=LogConfig(level=level),
         resolver=ResolverConfig(threads=threads),
+        egress=egress,
         source=source,
     )
 

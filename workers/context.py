@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from socksd.config import Config
+from socksd.policy import EgressPolicy
 from workers.authenticator import Authenticator
 from workers.loop import Loop
+from workers.pressure import PortPressure
 from workers.resolver import Resolver
 
 RELAY_BUFFER = 64 * 1024
@@ -29,6 +31,8 @@ class WorkerContext:
     resolver: Resolver
     authenticator: Authenticator | None
     log: Any
+    pressure: PortPressure
+    policy: EgressPolicy
     buffer: memoryview = field(default_factory=lambda: memoryview(bytearray(RELAY_BUFFER)))
     open: set[Closable] = field(default_factory=set)
     _conn_seq: int = 0

@@ -19,7 +19,8 @@ import struct
 from typing import Any, Protocol
 
 from socksd.socks5 import Reply
-from workers.loop import EVENT_WRITE, Loop
+from workers.loop import EVENT_WRITE, Loop, Timer
+from workers.pressure import PortPressure, TargetCounters
 
 # One table, errno -> reply (RFC 1928 section 6). Port exhaustion and a missing source
 # address are "general failure": no reply code says "I ran out of ports".
@@ -34,10 +35,6 @@ _ERRNO_REPLY: dict[int, Reply] = {
     errno.EADDRNOTAVAIL: Reply.GENERAL_FAILURE,
     errno.EADDRINUSE: Reply.GENERAL_FAILURE,
 }
-
-# Errnos that mean "this source address has no free (port, 4-tuple)" or "this source
-# address is not ours": socksd's own problem, logged as its own event.
-ADDRESS_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.EADDRINUSE})
 
 _LINGER_ABORT = struct.pack("ii", 1, 0)
 
@@ -61,13 +58,20 @@ class EgressFailed(Exception):
 
     @property
     def reason(self) -> str:
-        return errno.errorcode.get(self.errno, str(self.errno)).lower()
+        if self.errno == errno.EADDRNOTAVAIL:
+            # bind: the source IP is not on this host; connect: no free 4-tuple.
+            return "egress_ip_not_local" if self.stage == "bind" else "egress_exhausted"
+        return errno_name(self.errno)
+
+
+def errno_name(err: int) -> str:
+    return errno.errorcode.get(err, str(err)).lower()
 
 
 class ConnectOwner(Protocol):
     """Who is told how a connect attempt ended (a session)."""
 
-    def on_egress_connected(self, sock: socket.socket) -> None: ...
+    def on_egress_connected(self, sock: socket.socket, lease: TargetCounters) -> None: ...
     def on_egress_failed(self, failure: EgressFailed) -> None: ...
     def on_crash(self, exc: BaseException) -> None: ...
 
@@ -81,34 +85,130 @@ def abort(sock: socket.socket) -> None:
     sock.close()
 
 
-class Connector:
-    """One non-blocking connect in flight; the loop calls `on_writable` when it ends."""
+def _format(target: tuple[Any, ...]) -> str:
+    host, port = target[0], target[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    __slots__ = ("sock", "source", "target", "_loop", "_owner")
+
+class Connector:
+    """One upstream connect, with timer-driven retries while no 4-tuple is free.
+
+    `connect()` makes the first attempt at once. The owner then hears exactly once,
+    always from the loop: `on_egress_connected` or `on_egress_failed`.
+    """
+
+    __slots__ = (
+        "sock",
+        "source",
+        "family",
+        "target",
+        "_loop",
+        "_owner",
+        "_pressure",
+        "_tc",
+        "_delays",
+        "_attempts",
+        "_timer",
+    )
 
     def __init__(
         self,
         loop: Loop,
-        sock: socket.socket,
+        pressure: PortPressure,
         source: str,
+        family: socket.AddressFamily,
         target: tuple[Any, ...],
         owner: ConnectOwner,
+        retry_delays: tuple[float, ...],
     ) -> None:
-        self.sock = sock
+        self.sock: socket.socket | None = None
         self.source = source
+        self.family = family
         self.target = target
         self._loop = loop
         self._owner = owner
-        loop.register(sock, EVENT_WRITE, self)
+        self._pressure = pressure
+        self._tc = pressure.target(source, _format(target))
+        self._delays = retry_delays
+        self._attempts = 0
+        self._timer: Timer | None = None
+
+    def start(self) -> None:
+        """First attempt. Raises EgressFailed when it fails for good at once."""
+        failure = self._attempt()
+        if failure is not None:
+            raise failure
+
+    def _attempt(self) -> EgressFailed | None:
+        """One socket/bind/connect; None when it is in flight or waiting for a retry."""
+        ipc = self._tc.ipc
+        self._attempts += 1
+        try:
+            sock = socket.socket(self.family, socket.SOCK_STREAM)
+        except OSError as exc:
+            return self._failed("socket", exc.errno or errno.EIO)
+        stage = "socket"
+        try:
+            sock.setblocking(False)
+            # Port chosen at connect() against the 4-tuple; see the module docstring.
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            stage = "bind"
+            sock.bind((self.source, 0))
+            stage = "connect"
+            ipc.attempted += 1
+            err = sock.connect_ex(self.target)
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+        if err in (0, errno.EINPROGRESS):
+            self.sock = sock
+            self._pressure.opened(self._tc, self._loop.now)
+            self._loop.register(sock, EVENT_WRITE, self)
+            return None
+        abort(sock)
+        if stage == "connect" and err == errno.EADDRNOTAVAIL:
+            # Every port is taken for this (source, target) right now. Quads held for
+            # milliseconds (target closing first) free up quickly: retry by timer.
+            ipc.fail(errno_name(err))
+            if self._attempts <= len(self._delays):
+                ipc.retries += 1
+                delay = self._delays[self._attempts - 1]
+                self._timer = self._loop.call_later(delay, self._retry)
+                return None
+            self._pressure.exhausted(self._tc, self._loop.now, self._attempts)
+            return EgressFailed(stage, err)
+        return self._failed(stage, err)
+
+    def _failed(self, stage: str, err: int) -> EgressFailed:
+        ipc = self._tc.ipc
+        ipc.fail(errno_name(err))
+        if stage == "bind":
+            self._pressure.bind_failed(ipc, errno_name(err), self._loop.now)
+        return EgressFailed(stage, err)
+
+    def _retry(self) -> None:
+        self._timer = None
+        failure = self._attempt()
+        if failure is not None:
+            self._owner.on_egress_failed(failure)
 
     def on_writable(self) -> None:
-        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        self._loop.unregister(self.sock)
+        sock = self.sock
+        assert sock is not None
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self._loop.unregister(sock)
+        self.sock = None
+        ipc = self._tc.ipc
         if err:
-            abort(self.sock)
+            self._tc.release(self._loop.now, time_wait=False)
+            abort(sock)
+            ipc.fail(errno_name(err))
             self._owner.on_egress_failed(EgressFailed("connect", err))
-        else:
-            self._owner.on_egress_connected(self.sock)
+            return
+        ipc.succeeded += 1
+        if self._attempts > 1:
+            ipc.rescued += 1
+        self._owner.on_egress_connected(sock, self._tc)
 
     def on_readable(self) -> None:  # pragma: no cover - registered for write only
         raise AssertionError("connector registered for read")
@@ -118,50 +218,33 @@ class Connector:
         self._owner.on_crash(exc)
 
     def cancel(self) -> None:
-        """Give up (timeout, client gone): unregister and abort the socket."""
-        if self.sock.fileno() < 0:
+        """Give up (timeout, client gone): stop retrying, abort the socket in flight."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        sock, self.sock = self.sock, None
+        if sock is None:
             return
-        try:
-            self._loop.unregister(self.sock)
-        except KeyError:
-            pass  # on_writable already unregistered it
-        abort(self.sock)
+        self._loop.unregister(sock)
+        self._tc.release(self._loop.now, time_wait=False)
+        abort(sock)
 
 
 def connect(
     loop: Loop,
+    pressure: PortPressure,
     source_ip: str,
     family: socket.AddressFamily,
     target: tuple[Any, ...],
     owner: ConnectOwner,
+    retry_delays: tuple[float, ...] = (),
 ) -> Connector:
     """Start a connect from `source_ip` to `target`.
 
-    The owner hears the outcome through `on_egress_connected`/`on_egress_failed`,
-    always later, from the loop.
-
     Raises:
-        EgressFailed: the attempt failed before any packet (bind error, or an immediate
-            connect error such as EADDRNOTAVAIL when no 4-tuple is free).
+        EgressFailed: the first attempt failed for good before any packet (bind error,
+            or an immediate connect error with no retry left).
     """
-    try:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-    except OSError as exc:
-        raise EgressFailed("socket", exc.errno or errno.EIO) from None
-    stage = "socket"
-    try:
-        sock.setblocking(False)
-        # Port chosen at connect() against the 4-tuple; see the module docstring.
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_BIND_ADDRESS_NO_PORT, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        stage = "bind"
-        sock.bind((source_ip, 0))
-        stage = "connect"
-        err = sock.connect_ex(target)
-    except OSError as exc:
-        abort(sock)
-        raise EgressFailed(stage, exc.errno or errno.EIO) from None
-    if err not in (0, errno.EINPROGRESS):
-        abort(sock)
-        raise EgressFailed("connect", err)
-    return Connector(loop, sock, source_ip, target, owner)
+    connector = Connector(loop, pressure, source_ip, family, target, owner, retry_delays)
+    connector.start()
+    return connector

@@ -15,12 +15,15 @@ from typing import Any
 import setproctitle
 
 from socksd import logs
-from socksd.config import Config
+from socksd.config import Config, ListenAddress
+from socksd.kernel import KernelSettings, check, read_kernel_settings
 from socksd.listeners import describe
+from socksd.policy import EgressPolicy
 from workers.acceptor import Acceptor
 from workers.authenticator import Authenticator
 from workers.context import WorkerContext
 from workers.loop import EVENT_READ, Loop
+from workers.pressure import PortPressure
 from workers.resolver import Resolver
 
 
@@ -34,7 +37,8 @@ class _SignalWatch:
         self._wsock.setblocking(False)
         self.received: int | None = None
         signal.set_wakeup_fd(self._wsock.fileno(), warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        self.snapshot_requested = False
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(signum, _ignore)
         loop.register(self._rsock, EVENT_READ, self)
 
@@ -47,6 +51,11 @@ class _SignalWatch:
             if signum in (signal.SIGTERM, signal.SIGINT):
                 self.received = signum
                 self._loop.stop()
+            elif signum == signal.SIGUSR1:
+                self.on_usr1()
+
+    def on_usr1(self) -> None:
+        """Replaced by the worker: log the egress figures now."""
 
     def on_writable(self) -> None:  # pragma: no cover - registered for read only
         raise AssertionError("signal watch registered for write")
@@ -59,6 +68,19 @@ class _SignalWatch:
         self._loop.unregister(self._rsock)
         self._rsock.close()
         self._wsock.close()
+
+
+def _report_kernel(log: Any, settings: KernelSettings, listeners: list[socket.socket]) -> None:
+    """One `kernel_settings` event, then one warning per setting that costs capacity."""
+    log.info("kernel_settings", **settings.as_log())
+    bound = [ListenAddress(*_host_port(sock)) for sock in listeners]
+    for event, fields in check(settings, bound):
+        log.warning(event, **fields)
+
+
+def _host_port(sock: socket.socket) -> tuple[str, int]:
+    host, port = sock.getsockname()[:2]
+    return host, port
 
 
 def _ignore(signum: int, frame: Any) -> None:
@@ -75,9 +97,21 @@ def run_worker(config: Config, listeners: list[socket.socket], slot: int = 0) ->
     authenticator = (
         Authenticator(config.auth.users, resolver) if config.auth.method == "password" else None
     )
-    ctx = WorkerContext(loop, config, resolver, authenticator, log)
+    settings = read_kernel_settings()
+    pressure = PortPressure(
+        settings, config.egress.pressure_threshold, config.egress.max_tracked_targets, log
+    )
+    ctx = WorkerContext(
+        loop, config, resolver, authenticator, log, pressure, EgressPolicy(config.egress.mappings)
+    )
     watch = _SignalWatch(loop)
+
+    def log_egress_stats() -> None:
+        log.info("egress_stats", **pressure.snapshot(loop.now).to_dict())
+
+    watch.on_usr1 = log_egress_stats  # type: ignore[method-assign]
     acceptors = [Acceptor(ctx, sock, describe(sock)) for sock in listeners]
+    _report_kernel(log, settings, listeners)
     log.info(
         "worker_ready",
         listen=[a.address for a in acceptors],
@@ -91,6 +125,7 @@ def run_worker(config: Config, listeners: list[socket.socket], slot: int = 0) ->
             acceptor.close()
         for conn in list(ctx.open):
             conn.close("worker_stopping", abortive=True)
+        log_egress_stats()
         watch.close()
         resolver.close()
         loop.close()

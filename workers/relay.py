@@ -18,6 +18,7 @@ from typing import Any
 
 from workers.egress import abort
 from workers.loop import EVENT_READ, EVENT_WRITE, Loop, Timer
+from workers.pressure import TargetCounters
 
 _DISCONNECTS = (ConnectionError, TimeoutError)
 
@@ -64,6 +65,8 @@ class Relay:
         "closed",
         "_registry",
         "_reply_len",
+        "_lease",
+        "_target_closed_first",
     )
 
     def __init__(
@@ -79,6 +82,7 @@ class Relay:
         started: float,
         idle_timeout: float,
         registry: set[Any],
+        lease: TargetCounters | None = None,
     ) -> None:
         self._loop = loop
         self._view = buffer
@@ -95,6 +99,10 @@ class Relay:
         self.closed = False
         self._registry = registry
         registry.add(self)
+        self._lease = lease
+        # Who sent the first FIN on the upstream connection decides who keeps its
+        # 4-tuple in TIME_WAIT: if we did, that quad is not reusable for a while.
+        self._target_closed_first = False
         self._timer: Timer = loop.call_later(idle_timeout, self._check_idle)
         for side in (self.client, self.upstream):
             if side.pending:
@@ -119,6 +127,8 @@ class Relay:
         self._last = self._loop.now
         if n == 0:
             src.eof = True
+            if src is self.upstream and not src.wr_closed:
+                self._target_closed_first = True
             if not dst.pending:
                 self._shutdown_write(dst)
             self._after_change(src)
@@ -241,3 +251,6 @@ class Relay:
             duration_ms=round((self._loop.now - self._started) * 1000, 1),
         )
         self._registry.discard(self)
+        if self._lease is not None:
+            time_wait = not abortive and not self._target_closed_first
+            self._lease.release(self._loop.now, time_wait)

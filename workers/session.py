@@ -38,6 +38,7 @@ from socksd.socks5 import (
 from workers import egress
 from workers.context import WorkerContext
 from workers.loop import EVENT_READ, EVENT_WRITE
+from workers.pressure import TargetCounters
 from workers.relay import Relay
 
 # Largest handshake message is 513 bytes (RFC 1929); the rest of this allowance is for a
@@ -233,7 +234,7 @@ class Session:
     def _start_connecting(self, addresses: list[tuple[socket.AddressFamily, Any]]) -> None:
         self._transition(Phase.CONNECTING)
         self._update()
-        self._candidates = deque(policy.order_candidates(addresses, self._ingress_ip))
+        self._candidates = deque(self._ctx.policy.order_candidates(addresses, self._ingress_ip))
         if not self._candidates:
             # Never leave from another IP than the one the client came in on.
             self._reply_failure(Reply.HOST_UNREACHABLE, "no_egress_for_family")
@@ -244,7 +245,15 @@ class Session:
         while self._candidates:
             source, family, target = self._candidates.popleft()
             try:
-                self._connector = egress.connect(self._loop, source, family, target, self)
+                self._connector = egress.connect(
+                    self._loop,
+                    self._ctx.pressure,
+                    source,
+                    family,
+                    target,
+                    self,
+                    self._ctx.config.egress.retry_delays,
+                )
             except egress.EgressFailed as failure:
                 self._note_failure(failure, source, target)
                 continue
@@ -254,19 +263,16 @@ class Session:
         self._reply_failure(last.reply, last.reason, stage=last.stage)
 
     def _note_failure(self, failure: egress.EgressFailed, source: str, target: Any) -> None:
+        # Per-attempt detail at debug: exhaustion and bind errors have their own
+        # rate-limited events (workers/pressure.py), the tunnel its tunnel_closed line.
         self._failure = failure
-        fields = {
-            "stage": failure.stage,
-            "errno": failure.reason,
-            "source": source,
-            "address": _format_target(target[0], target[1]),
-        }
-        if failure.errno in egress.ADDRESS_ERRNOS:
-            # Our own problem (ports exhausted, or the ingress IP is not usable as a
-            # source): an operator must see it apart from targets refusing.
-            self.log.warning("egress_address_unavailable", **fields)
-        else:
-            self.log.debug("upstream_connect_failed", **fields)
+        self.log.debug(
+            "upstream_connect_failed",
+            stage=failure.stage,
+            errno=egress.errno_name(failure.errno),
+            source=source,
+            address=_format_target(target[0], target[1]),
+        )
 
     def on_egress_failed(self, failure: egress.EgressFailed) -> None:
         connector, self._connector = self._connector, None
@@ -275,7 +281,7 @@ class Session:
         self._note_failure(failure, connector.source, connector.target)
         self._connect_next()
 
-    def on_egress_connected(self, upstream: socket.socket) -> None:
+    def on_egress_connected(self, upstream: socket.socket, lease: TargetCounters) -> None:
         self._connector = None
         self._timer.cancel()
         self._transition(Phase.RELAYING)
@@ -298,6 +304,7 @@ class Session:
             started=self._started,
             idle_timeout=self._ctx.config.timeouts.idle,
             registry=self._ctx.open,
+            lease=lease,
         )
 
     # -- endings ------------------------------------------------------------------------

@@ -28,7 +28,13 @@ REPO = Path(__file__).resolve().parents[2]
 class Socksd:
     """A `python -m socksd` process; its JSON log lines are parsed as they arrive."""
 
-    def __init__(self, config_text: str, tmp: Path, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        config_text: str,
+        tmp: Path,
+        extra_args: tuple[str, ...] = (),
+        prefix: tuple[str, ...] = (),
+    ) -> None:
         self.config_path = tmp / f"socksd-{time.monotonic_ns()}.toml"
         self.config_path.write_text(config_text)
         self.events: list[dict[str, Any]] = []
@@ -36,7 +42,15 @@ class Socksd:
         self._cond = threading.Condition()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "socksd", "--config", str(self.config_path), *extra_args],
+            [
+                *prefix,
+                sys.executable,
+                "-m",
+                "socksd",
+                "--config",
+                str(self.config_path),
+                *extra_args,
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=REPO,
@@ -91,6 +105,35 @@ class Socksd:
                         f"stderr={stderr!r} log={''.join(self.raw)[-3000:]}"
                     )
                 self._cond.wait(min(left, 0.1))
+
+    def wait_count(
+        self,
+        event: str,
+        n: int,
+        where: Callable[[dict[str, Any]], bool] = lambda e: True,
+        timeout: float = TIMEOUT,
+    ) -> list[dict[str, Any]]:
+        """Wait until `n` events named `event` match `where`; return them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [e for e in self.named(event) if where(e)]
+            if len(found) >= n:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(found)} of {n} {event!r} events within {timeout}s")
+            time.sleep(0.01)
+
+    def egress_stats(self) -> dict[str, Any]:
+        """Ask the worker for its egress snapshot (SIGUSR1) and return it."""
+        before = len(self.named("egress_stats"))
+        self.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            stats = self.named("egress_stats")
+            if len(stats) > before:
+                return stats[-1]
+            time.sleep(0.01)
+        raise AssertionError("no egress_stats event after SIGUSR1")
 
     def named(self, event: str) -> list[dict[str, Any]]:
         with self._cond:
