@@ -108,6 +108,22 @@ class Loop:
     def unregister(self, fileobj: Any) -> None:
         self._selector.unregister(fileobj)
 
+    def set_interest(self, fileobj: Any, current: int, want: int, handler: Handler) -> int:
+        """Move a file object from `current` to `want` events (0 = not registered).
+
+        Returns `want`, for the caller to keep as its new `current`; no syscall when
+        nothing changes, which is the common case on the relay's hot path.
+        """
+        if want == current:
+            return want
+        if current == 0:
+            self._selector.register(fileobj, want, handler)
+        elif want == 0:
+            self._selector.unregister(fileobj)
+        else:
+            self._selector.modify(fileobj, want, handler)
+        return want
+
     # -- timers and cross-thread posts ----------------------------------------------
 
     def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> Timer:

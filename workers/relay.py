@@ -192,15 +192,7 @@ class Relay:
             want |= EVENT_READ
         if side.pending:
             want |= EVENT_WRITE
-        if want == side.mask:
-            return
-        if side.mask == 0:
-            self._loop.register(side.sock, want, side)
-        elif want == 0:
-            self._loop.unregister(side.sock)
-        else:
-            self._loop.modify(side.sock, want, side)
-        side.mask = want
+        side.mask = self._loop.set_interest(side.sock, side.mask, want, side)
 
     # -- endings --------------------------------------------------------------------
 

@@ -427,12 +427,4 @@ class Session:
             self.phase in (Phase.HANDSHAKE, Phase.AUTHENTICATING) and not self._eof
         ):
             want |= EVENT_READ
-        if want == self._mask:
-            return
-        if self._mask == 0:
-            self._loop.register(self.client, want, self)
-        elif want == 0:
-            self._loop.unregister(self.client)
-        else:
-            self._loop.modify(self.client, want, self)
-        self._mask = want
+        self._mask = self._loop.set_interest(self.client, self._mask, want, self)
