@@ -1,0 +1,359 @@
+"""Prometheus text exposition (format 0.0.4) of the supervisor's aggregate stats.
+
+Owns: metric names, HELP/TYPE text, label escaping and number formatting for
+`/metrics`; `render()` turns the aggregate dict into the exposition body.
+Must not: serve HTTP, read stats pipes or /proc, or depend on prometheus_client.
+
+Names are `socksd_*`; counters end in `_total` (in 0.0.4 the TYPE line names the
+sample, `_total` included). Every family is declared once, up front, so it gets
+exactly one HELP and one TYPE line however many samples it has, and appears (with no
+samples) even when the aggregate is empty. Per-worker series carry only
+`worker="<slot>"`; counters restart from zero when a slot's process is replaced, which
+Prometheus' `rate()` treats as an ordinary counter reset.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PREFIX = "socksd_"
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """One metric family: name without the `socksd_` prefix, type and HELP text."""
+
+    name: str
+    kind: Literal["counter", "gauge"]
+    help: str
+
+
+# Per-worker counters: aggregate key in `counters` -> family.
+_WORKER_COUNTERS: tuple[tuple[str, Family], ...] = (
+    ("accepted", Family("accepted_total", "counter", "Client connections accepted.")),
+    ("tunnels_opened", Family("tunnels_opened_total", "counter", "Tunnels established.")),
+    ("tunnels_closed", Family("tunnels_closed_total", "counter", "Tunnels closed.")),
+    ("bytes_up", Family("bytes_up_total", "counter", "Bytes relayed client to target.")),
+    ("bytes_down", Family("bytes_down_total", "counter", "Bytes relayed target to client.")),
+    (
+        "retries",
+        Family(
+            "egress_retries_total",
+            "counter",
+            "Egress connect() attempts repeated after EADDRNOTAVAIL.",
+        ),
+    ),
+    (
+        "rescued",
+        Family(
+            "egress_rescued_total",
+            "counter",
+            "Tunnels that connected after at least one egress retry.",
+        ),
+    ),
+    (
+        "exhausted",
+        Family(
+            "egress_exhausted_total",
+            "counter",
+            "Tunnels refused because no 4-tuple was free for (egress IP, target).",
+        ),
+    ),
+    (
+        "dropped_lines",
+        Family(
+            "stats_dropped_lines_total",
+            "counter",
+            "Stats lines the worker dropped because its pipe was full.",
+        ),
+    ),
+)
+
+# Per-worker counters held as {label value: count}: key -> (label name, family).
+_WORKER_LABELLED: tuple[tuple[str, str, Family], ...] = (
+    (
+        "handshake_failures",
+        "reason",
+        Family("handshake_failures_total", "counter", "SOCKS handshakes that failed, by reason."),
+    ),
+    (
+        "replies",
+        "code",
+        Family("replies_total", "counter", "SOCKS5 replies sent, by reply code (RFC 1928 6)."),
+    ),
+    (
+        "egress_errors",
+        "kind",
+        Family("egress_errors_total", "counter", "Egress socket errors, by call and errno."),
+    ),
+)
+
+_WORKER_GAUGES: tuple[tuple[str, Family], ...] = (
+    ("open_tunnels", Family("open_tunnels", "gauge", "Tunnels currently relaying.")),
+    ("open_sessions", Family("open_sessions", "gauge", "Client sessions currently open.")),
+)
+
+_WORKER_UP = Family("worker_up", "gauge", "1 if the worker process is alive, else 0.")
+_WORKER_RESTARTS = Family("worker_restarts_total", "counter", "Times the slot was respawned.")
+
+_SUPERVISOR: tuple[tuple[str, Family], ...] = (
+    ("generation", Family("generation", "gauge", "Configuration generation being served.")),
+    ("workers_wanted", Family("workers_wanted", "gauge", "Worker slots the supervisor keeps.")),
+    ("uptime_s", Family("uptime_seconds", "gauge", "Seconds since the supervisor started.")),
+)
+_EPHEMERAL = Family(
+    "ephemeral_ports", "gauge", "Usable ports in ip_local_port_range (P per egress IP, target)."
+)
+
+_IP_FIELDS: tuple[tuple[str, Family], ...] = (
+    ("open", Family("egress_open_sockets", "gauge", "Open upstream sockets per egress IP.")),
+    (
+        "attempted",
+        Family(
+            "egress_connects_attempted_total",
+            "counter",
+            "Upstream connects attempted per egress IP.",
+        ),
+    ),
+    (
+        "succeeded",
+        Family(
+            "egress_connects_succeeded_total",
+            "counter",
+            "Upstream connects that succeeded per egress IP.",
+        ),
+    ),
+    (
+        "exhausted",
+        Family(
+            "egress_ip_exhausted_total",
+            "counter",
+            "Tunnels refused for want of a free 4-tuple, per egress IP.",
+        ),
+    ),
+    (
+        "retries",
+        Family(
+            "egress_ip_retries_total",
+            "counter",
+            "Connect retries after EADDRNOTAVAIL, per egress IP.",
+        ),
+    ),
+    (
+        "rescued",
+        Family(
+            "egress_ip_rescued_total",
+            "counter",
+            "Tunnels rescued by a connect retry, per egress IP.",
+        ),
+    ),
+)
+_IP_FAILURES = Family(
+    "egress_connect_failures_total", "counter", "Upstream connect failures per egress IP, by errno."
+)
+
+_TARGET_FIELDS: tuple[tuple[str, Family], ...] = (
+    (
+        "open",
+        Family(
+            "egress_target_open_sockets", "gauge", "Open upstream sockets per (egress IP, target)."
+        ),
+    ),
+    (
+        "recent_closes",
+        Family(
+            "egress_target_recent_closes",
+            "gauge",
+            "Sockets closed within the reuse window per (egress IP, target).",
+        ),
+    ),
+    (
+        "pressure",
+        Family(
+            "egress_target_pressure",
+            "gauge",
+            "(open + recent closes) / ephemeral ports per (egress IP, target).",
+        ),
+    ),
+    (
+        "exhausted",
+        Family(
+            "egress_target_exhausted_total",
+            "counter",
+            "Tunnels refused for want of a free 4-tuple per (egress IP, target).",
+        ),
+    ),
+)
+
+_TW_TOTAL = Family("time_wait_sockets", "gauge", "TIME_WAIT sockets seen in the kernel's table.")
+_TW_PAIR = Family(
+    "time_wait_pair_sockets", "gauge", "TIME_WAIT sockets per (egress IP, target), hottest pairs."
+)
+_TW_PRESSURE = Family(
+    "time_wait_pair_pressure",
+    "gauge",
+    "TIME_WAIT sockets / ephemeral ports per (egress IP, target).",
+)
+
+FAMILIES: tuple[Family, ...] = (
+    *(f for _, f in _SUPERVISOR),
+    _EPHEMERAL,
+    *(f for _, f in _WORKER_COUNTERS),
+    *(f for _, _, f in _WORKER_LABELLED),
+    *(f for _, f in _WORKER_GAUGES),
+    _WORKER_UP,
+    _WORKER_RESTARTS,
+    *(f for _, f in _IP_FIELDS),
+    _IP_FAILURES,
+    *(f for _, f in _TARGET_FIELDS),
+    _TW_TOTAL,
+    _TW_PAIR,
+    _TW_PRESSURE,
+)
+
+
+def escape_label_value(value: str) -> str:
+    """Escape a label value as the 0.0.4 text format requires: `\\`, `"` and newline."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def format_value(value: Any) -> str:
+    """Format a sample value: integers exactly, floats by repr, NaN and +/-Inf by name.
+
+    Raises:
+        TypeError: the value is not a number (a bug in whoever built the aggregate).
+    """
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "+Inf" if value > 0 else "-Inf"
+        return repr(value)
+    raise TypeError(f"metric value must be a number, not {type(value).__name__}: {value!r}")
+
+
+class _Exposition:
+    """Samples collected per declared family, written out in declaration order."""
+
+    __slots__ = ("_samples",)
+
+    def __init__(self, families: Iterable[Family]) -> None:
+        self._samples: dict[Family, list[str]] = {f: [] for f in families}
+
+    def add(self, family: Family, labels: Mapping[str, Any], value: Any) -> None:
+        """Add one sample; a missing (None) value is omitted, not rendered as 0."""
+        if value is None:
+            return
+        name = PREFIX + family.name
+        if labels:
+            inner = ",".join(f'{k}="{escape_label_value(str(v))}"' for k, v in labels.items())
+            name = f"{name}{{{inner}}}"
+        self._samples[family].append(f"{name} {format_value(value)}")
+
+    def text(self) -> str:
+        out: list[str] = []
+        for family, lines in self._samples.items():
+            out.append(f"# HELP {PREFIX}{family.name} {_escape_help(family.help)}")
+            out.append(f"# TYPE {PREFIX}{family.name} {family.kind}")
+            out.extend(lines)
+        return "\n".join(out) + "\n"
+
+
+def _map(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else []
+
+
+def _one_per_slot(workers: list[Any]) -> list[Mapping[str, Any]]:
+    """Keep the newest generation of each slot, in slot order.
+
+    During a reload the old generation drains beside the new one on the same slot;
+    two series with the same `worker` label would be a duplicate the scraper rejects.
+    """
+    newest: dict[str, Mapping[str, Any]] = {}
+    for item in workers:
+        w = _map(item)
+        slot = str(w.get("slot"))
+        kept = newest.get(slot)
+        if kept is None or (w.get("gen") or 0) >= (kept.get("gen") or 0):
+            newest[slot] = w
+    return [newest[s] for s in sorted(newest, key=lambda s: (len(s), s))]
+
+
+def render(aggregate: Mapping[str, Any]) -> str:
+    """Render the supervisor's aggregate stats as a Prometheus 0.0.4 text body.
+
+    Args:
+        aggregate: `{"supervisor", "total", "workers", "egress"}` as the supervisor
+            builds it. Missing sections, keys or None values yield no sample (the
+            family's HELP/TYPE is still written). `total` is not rendered: it is the
+            sum of the per-worker series, which PromQL's `sum()` gives without
+            double counting.
+
+    Returns:
+        The exposition text, ending in a newline; serve it with `CONTENT_TYPE`.
+
+    Raises:
+        TypeError: a sample value is not a number.
+    """
+    exp = _Exposition(FAMILIES)
+
+    supervisor = _map(aggregate.get("supervisor"))
+    for key, family in _SUPERVISOR:
+        exp.add(family, {}, supervisor.get(key))
+    egress = _map(aggregate.get("egress"))
+    exp.add(_EPHEMERAL, {}, egress.get("ephemeral_ports"))
+
+    for w in _one_per_slot(_list(aggregate.get("workers"))):
+        labels = {"worker": w.get("slot")}
+        counters = _map(w.get("counters"))
+        for key, family in _WORKER_COUNTERS:
+            exp.add(family, labels, counters.get(key))
+        for key, label, family in _WORKER_LABELLED:
+            for label_value, count in sorted(_map(counters.get(key)).items()):
+                exp.add(family, {**labels, label: label_value}, count)
+        gauges = _map(w.get("gauges"))
+        for key, family in _WORKER_GAUGES:
+            exp.add(family, labels, gauges.get(key))
+        alive = w.get("alive")
+        exp.add(_WORKER_UP, labels, None if alive is None else int(bool(alive)))
+        exp.add(_WORKER_RESTARTS, labels, w.get("restarts"))
+
+    for row in _list(egress.get("ips")):
+        ip = _map(row)
+        labels = {"egress_ip": ip.get("ip")}
+        for key, family in _IP_FIELDS:
+            exp.add(family, labels, ip.get(key))
+        for errno_name, count in sorted(_map(ip.get("failed")).items()):
+            exp.add(_IP_FAILURES, {**labels, "errno": errno_name}, count)
+
+    for row in _list(egress.get("targets")):
+        t = _map(row)
+        labels = {"egress_ip": t.get("egress_ip"), "target": t.get("target")}
+        for key, family in _TARGET_FIELDS:
+            exp.add(family, labels, t.get(key))
+
+    time_wait = _map(egress.get("time_wait"))
+    exp.add(_TW_TOTAL, {}, time_wait.get("total"))
+    for row in _list(time_wait.get("by_pair")):
+        p = _map(row)
+        labels = {"egress_ip": p.get("egress_ip"), "target": p.get("target")}
+        exp.add(_TW_PAIR, labels, p.get("count"))
+        exp.add(_TW_PRESSURE, labels, p.get("pressure"))
+
+    return exp.text()
