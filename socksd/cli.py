@@ -1,23 +1,29 @@
 """The `socksd` command: argument parsing, wiring and exit codes.
 
-Owns: the command line, `--check-config`, `socksd passwd`, mapping errors to exit codes.
-Must not: hold logic of its own; it composes config, listeners and the worker.
+Owns: the command line, `--check-config`, `socksd passwd`, `socksd stats`, mapping
+errors to exit codes, and injecting the worker entry point into the supervisor (this
+module is the composition root: the only place in `socksd` that imports `workers`).
+Must not: hold logic of its own.
 
 Usage:
     socksd [--config PATH] [--listen HOST:PORT ...] [--workers N]
     socksd --check-config [--config PATH]
+    socksd stats [--json] [--config PATH | --socket PATH]
     socksd passwd            (reads a password on stdin, prints its hash)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+import orjson
 
 from socksd import logs
 from socksd.config import Config, load_config, with_overrides
+from socksd.control import format_table, query
 from socksd.errors import EXIT_CONFIG, EXIT_OK, SocksdError
-from socksd.listeners import open_listeners
 from socksd.passwords import hash_password
 
 
@@ -25,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="socksd",
         description="SOCKS5 proxy whose egress leaves from the IP the client came in on.",
-        epilog="`socksd passwd` reads a password on stdin and prints a hash for auth.users.",
+        epilog="Other commands: `socksd stats [--json] [--config PATH]` shows a running "
+        "socksd's figures; `socksd passwd` reads a password on stdin and prints a hash "
+        "for auth.users.",
     )
     p.add_argument("--config", metavar="PATH", help="TOML config (default: embedded)")
     p.add_argument(
@@ -55,30 +63,48 @@ def _passwd() -> int:
     return EXIT_OK
 
 
-def _serve(config: Config) -> int:
-    # Deferred import: `workers` builds on `socksd`; this module is the composition root.
+def _stats(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="socksd stats", description="figures of a running socksd")
+    p.add_argument("--config", metavar="PATH", help="the config the server runs with")
+    p.add_argument("--socket", metavar="PATH", help="control socket (default: from the config)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    args = p.parse_args(argv)
+    path = args.socket or load_config(args.config).control.path()
+    result = query(path)
+    if args.json:
+        sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        print(format_table(result))
+    return EXIT_OK
+
+
+def _serve(args: argparse.Namespace, config: Config) -> int:
+    # Deferred imports: `workers` builds on `socksd`; this module is the composition root.
+    from socksd.supervisor import Supervisor
     from workers.main import run_worker
 
+    def load() -> Config:
+        return with_overrides(load_config(args.config), args.listen, args.workers)
+
     logs.configure(config.log.level)
-    listeners = open_listeners(config.listen)
-    if isinstance(config.workers, int) and config.workers > 1:
-        # One worker process until the supervisor lands; say so rather than pretend.
-        logs.get_logger().warning("workers_not_supported_yet", requested=config.workers, running=1)
-    return run_worker(config, listeners, slot=0)
+    logs.bind_process(role="supervisor", pid=os.getpid())
+    return Supervisor(config, load, run_worker).run()
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `socksd` console script and `python -m socksd`."""
     args_list = sys.argv[1:] if argv is None else argv
-    if args_list[:1] == ["passwd"]:
-        return _passwd()
-    args = _parser().parse_args(args_list)
     try:
+        if args_list[:1] == ["passwd"]:
+            return _passwd()
+        if args_list[:1] == ["stats"]:
+            return _stats(args_list[1:])
+        args = _parser().parse_args(args_list)
         config = with_overrides(load_config(args.config), args.listen, args.workers)
         if args.check_config:
             print(f"{config.source}: ok ({len(config.listen)} listen address(es))")
             return EXIT_OK
-        return _serve(config)
+        return _serve(args, config)
     except SocksdError as exc:
         print(f"socksd: {exc}", file=sys.stderr)
         return exc.exit_code

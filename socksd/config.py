@@ -73,6 +73,35 @@ class ResolverConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StatsConfig:
+    """How workers report to the supervisor and how the supervisor reports on."""
+
+    interval: float = 1.0  # worker -> supervisor stats line
+    log_interval: float = 60.0  # supervisor `stats` log event
+    heartbeat_timeout: float = 10.0  # a worker silent this long is hung: TERM, then KILL
+    timewait_interval: float = 10.0  # kernel TIME_WAIT sample (supervisor side)
+
+
+@dataclass(frozen=True, slots=True)
+class ControlConfig:
+    """The local control socket `socksd stats` talks to."""
+
+    socket: str = "auto"
+
+    def path(self) -> str:
+        """The socket path. "auto": $RUNTIME_DIRECTORY (set by systemd), else
+        /run/socksd when it exists (the service's), else /tmp/socksd-<uid>.sock."""
+        if self.socket != "auto":
+            return self.socket
+        runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+        if not runtime and os.path.isdir("/run/socksd"):
+            runtime = "/run/socksd"
+        if runtime:
+            return os.path.join(runtime, "control.sock")
+        return f"/tmp/socksd-{os.getuid()}.sock"
+
+
+@dataclass(frozen=True, slots=True)
 class EgressMapping:
     """Tunnels arriving on an address in `ingress` leave from `ipv4` / `ipv6`."""
 
@@ -103,6 +132,10 @@ class Config:
     log: LogConfig = LogConfig()
     resolver: ResolverConfig = ResolverConfig()
     egress: EgressConfig = EgressConfig()
+    shutdown_timeout: float = 30.0
+    stats: StatsConfig = StatsConfig()
+    control: ControlConfig = ControlConfig()
+    metrics_listen: ListenAddress | None = None
     source: str = "<embedded default>"
 
     @property
@@ -303,6 +336,30 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     rt.done()
 
     egress = _parse_egress(root.table("egress"))
+    shutdown_timeout = root.number("shutdown_timeout", 30.0)
+
+    st = root.table("stats")
+    sd = StatsConfig()
+    stats = StatsConfig(
+        interval=st.number("interval", sd.interval),
+        log_interval=st.number("log_interval", sd.log_interval),
+        heartbeat_timeout=st.number("heartbeat_timeout", sd.heartbeat_timeout),
+        timewait_interval=st.number("timewait_interval", sd.timewait_interval),
+    )
+    st.done()
+    if stats.heartbeat_timeout < 2 * stats.interval:
+        raise ConfigError("stats.heartbeat_timeout: must be at least twice stats.interval")
+
+    ct = root.table("control")
+    control_socket = ct.get("socket", "auto")
+    if not isinstance(control_socket, str) or not control_socket:
+        raise ConfigError(f'control.socket: must be a path or "auto", got {control_socket!r}')
+    ct.done()
+
+    mt = root.table("metrics")
+    metrics_raw = mt.get("listen")
+    metrics_listen = None if metrics_raw is None else parse_listen(metrics_raw, "metrics.listen")
+    mt.done()
 
     root.done()
     return Config(
@@ -313,6 +370,10 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         log=LogConfig(level=level),
         resolver=ResolverConfig(threads=threads),
         egress=egress,
+        shutdown_timeout=shutdown_timeout,
+        stats=stats,
+        control=ControlConfig(control_socket),
+        metrics_listen=metrics_listen,
         source=source,
     )
 

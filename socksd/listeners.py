@@ -56,3 +56,45 @@ def describe(sock: socket.socket) -> str:
     """ "host:port" of a bound socket, IPv6 in brackets."""
     host, port = sock.getsockname()[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def open_slot_listeners(
+    addresses: tuple[ListenAddress, ...], slots: int
+) -> dict[ListenAddress, list[socket.socket]]:
+    """One SO_REUSEPORT socket per (address, worker slot), all or none.
+
+    The kernel spreads new connections over a reuseport group by hash; giving each
+    worker slot its own socket (kept open by the supervisor too) means a worker that
+    dies leaves its queue to its successor instead of resetting it. Port 0 is resolved
+    by the first socket; the slot's siblings join the port it got.
+    """
+    opened: dict[ListenAddress, list[socket.socket]] = {}
+    try:
+        for address in addresses:
+            opened[address] = grow_slots(address, [], slots)
+    except ListenError:
+        close_all(opened)
+        raise
+    return opened
+
+
+def grow_slots(
+    address: ListenAddress, socks: list[socket.socket], slots: int
+) -> list[socket.socket]:
+    """Return `socks` extended to `slots` sockets on the same (host, port)."""
+    out = list(socks)
+    try:
+        while len(out) < slots:
+            port = out[0].getsockname()[1] if out else address.port
+            out.append(open_listener(ListenAddress(address.host, port)))
+    except ListenError:
+        for sock in out[len(socks) :]:
+            sock.close()
+        raise
+    return out
+
+
+def close_all(listeners: dict[ListenAddress, list[socket.socket]]) -> None:
+    for socks in listeners.values():
+        for sock in socks:
+            sock.close()

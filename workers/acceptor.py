@@ -57,6 +57,7 @@ class Acceptor:
             except OSError:
                 client.close()  # reset before we looked at it
                 continue
+            ctx.counters.accepted += 1
             Session(ctx, client, peer, ingress_ip)
 
     def _pause(self, exc: OSError) -> None:

@@ -15,6 +15,7 @@ from socksd.policy import EgressPolicy
 from workers.authenticator import Authenticator
 from workers.loop import Loop
 from workers.pressure import PortPressure
+from workers.reporter import WorkerCounters
 from workers.resolver import Resolver
 
 RELAY_BUFFER = 64 * 1024
@@ -33,6 +34,7 @@ class WorkerContext:
     log: Any
     pressure: PortPressure
     policy: EgressPolicy
+    counters: WorkerCounters = field(default_factory=WorkerCounters)
     buffer: memoryview = field(default_factory=lambda: memoryview(bytearray(RELAY_BUFFER)))
     open: set[Closable] = field(default_factory=set)
     _conn_seq: int = 0

@@ -1,8 +1,11 @@
-"""A worker process's life: boot, serve until told to stop, clean up.
+"""A worker process's life: boot, serve until told to stop, drain, clean up.
 
 Owns: signal handling inside the worker, process title, log context, building the
-per-worker singletons and the acceptors.
+per-worker singletons, the acceptors and the reporter, graceful drain.
 Must not: parse configuration (it receives a validated `Config`) or open listeners.
+
+Signals: TERM/INT stop accepting and let open connections finish within
+`shutdown_timeout`, then cut the rest; QUIT stops at once; USR1 logs `egress_stats`.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ from typing import Any
 import setproctitle
 
 from socksd import logs
-from socksd.config import Config, ListenAddress
-from socksd.kernel import KernelSettings, check, read_kernel_settings
+from socksd.config import Config
+from socksd.kernel import read_kernel_settings
 from socksd.listeners import describe
 from socksd.policy import EgressPolicy
 from workers.acceptor import Acceptor
@@ -24,23 +27,73 @@ from workers.authenticator import Authenticator
 from workers.context import WorkerContext
 from workers.loop import EVENT_READ, Loop
 from workers.pressure import PortPressure
+from workers.reporter import Reporter
 from workers.resolver import Resolver
 
+_DRAIN_POLL = 0.1
+_HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1)
 
-class _SignalWatch:
-    """Wakes the loop when a signal arrives; the handlers themselves do nothing."""
 
-    def __init__(self, loop: Loop) -> None:
-        self._loop = loop
+class Worker:
+    """Readiness handler of the signal wake-up socket, and the worker's lifecycle."""
+
+    def __init__(
+        self,
+        config: Config,
+        listeners: list[socket.socket],
+        slot: int,
+        generation: int,
+        stats_fd: int | None,
+    ) -> None:
+        self.config = config
+        self.log = logs.get_logger()
+        self.loop = loop = Loop()
+        self.resolver = Resolver(loop, config.resolver.threads)
+        authenticator = (
+            Authenticator(config.auth.users, self.resolver)
+            if config.auth.method == "password"
+            else None
+        )
+        self.settings = read_kernel_settings()
+        self.pressure = PortPressure(
+            self.settings,
+            config.egress.pressure_threshold,
+            config.egress.max_tracked_targets,
+            self.log,
+        )
+        self.ctx = WorkerContext(
+            loop,
+            config,
+            self.resolver,
+            authenticator,
+            self.log,
+            self.pressure,
+            EgressPolicy(config.egress.mappings),
+        )
+        self.reporter = Reporter(
+            loop,
+            stats_fd,
+            self.ctx.counters,
+            self.pressure,
+            self.ctx.open,
+            slot,
+            generation,
+            config.stats.interval,
+            self._orphaned,
+        )
         self._rsock, self._wsock = socket.socketpair()
         self._rsock.setblocking(False)
         self._wsock.setblocking(False)
-        self.received: int | None = None
         signal.set_wakeup_fd(self._wsock.fileno(), warn_on_full_buffer=False)
-        self.snapshot_requested = False
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        for signum in _HANDLED:
             signal.signal(signum, _ignore)
         loop.register(self._rsock, EVENT_READ, self)
+        self.listeners = listeners
+        self.acceptors = [Acceptor(self.ctx, sock, describe(sock)) for sock in listeners]
+        self.stop_signal: int | None = None
+        self._drain_deadline: float | None = None
+
+    # -- signals --------------------------------------------------------------------
 
     def on_readable(self) -> None:
         try:
@@ -48,86 +101,90 @@ class _SignalWatch:
         except BlockingIOError:
             return
         for signum in data:
-            if signum in (signal.SIGTERM, signal.SIGINT):
-                self.received = signum
-                self._loop.stop()
-            elif signum == signal.SIGUSR1:
-                self.on_usr1()
-
-    def on_usr1(self) -> None:
-        """Replaced by the worker: log the egress figures now."""
+            if signum == signal.SIGUSR1:
+                self.log_egress_stats()
+            elif signum == signal.SIGQUIT:
+                self.stop_signal = signum
+                self.loop.stop()
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                self.stop_signal = signum
+                self._start_drain()
 
     def on_writable(self) -> None:  # pragma: no cover - registered for read only
-        raise AssertionError("signal watch registered for write")
+        raise AssertionError("signal socket registered for write")
 
     def on_crash(self, exc: BaseException) -> None:
         raise exc
 
-    def close(self) -> None:
-        signal.set_wakeup_fd(-1)
-        self._loop.unregister(self._rsock)
-        self._rsock.close()
-        self._wsock.close()
+    # -- lifecycle ------------------------------------------------------------------
 
+    def log_egress_stats(self) -> None:
+        self.log.info("egress_stats", **self.pressure.snapshot(self.loop.now).to_dict())
 
-def _report_kernel(log: Any, settings: KernelSettings, listeners: list[socket.socket]) -> None:
-    """One `kernel_settings` event, then one warning per setting that costs capacity."""
-    log.info("kernel_settings", **settings.as_log())
-    bound = [ListenAddress(*_host_port(sock)) for sock in listeners]
-    for event, fields in check(settings, bound):
-        log.warning(event, **fields)
+    def _orphaned(self) -> None:
+        self.log.warning("supervisor_gone", action="stopping")
+        self.stop_signal = signal.SIGTERM
+        self._start_drain()
 
+    def _start_drain(self) -> None:
+        if self._drain_deadline is not None:
+            return
+        for acceptor in self.acceptors:
+            acceptor.close()  # the supervisor keeps the socket: its queue survives
+        self.acceptors = []
+        self._drain_deadline = self.loop.now + self.config.shutdown_timeout
+        self.log.info(
+            "worker_draining", open=len(self.ctx.open), timeout_s=self.config.shutdown_timeout
+        )
+        self._check_drained()
 
-def _host_port(sock: socket.socket) -> tuple[str, int]:
-    host, port = sock.getsockname()[:2]
-    return host, port
+    def _check_drained(self) -> None:
+        assert self._drain_deadline is not None
+        if not self.ctx.open or self.loop.now >= self._drain_deadline:
+            self.loop.stop()
+            return
+        self.loop.call_later(_DRAIN_POLL, self._check_drained)
+
+    def run(self) -> int:
+        self.log.info(
+            "worker_ready",
+            listen=[a.address for a in self.acceptors],
+            auth=self.config.auth.method,
+            config=self.config.source,
+        )
+        self.reporter.start()
+        try:
+            self.loop.run()
+        finally:
+            for acceptor in self.acceptors:
+                acceptor.close()
+            cut = len(self.ctx.open)
+            for conn in list(self.ctx.open):
+                conn.close("worker_stopping", abortive=True)
+            self.log_egress_stats()
+            self.reporter.bye()
+            signal.set_wakeup_fd(-1)
+            self.loop.unregister(self._rsock)
+            self._rsock.close()
+            self._wsock.close()
+            self.resolver.close()
+            self.loop.close()
+        self.log.info("worker_stopped", signal=self.stop_signal, cut_connections=cut)
+        return 0
 
 
 def _ignore(signum: int, frame: Any) -> None:
     return None  # the wakeup fd carries the signal to the loop
 
 
-def run_worker(config: Config, listeners: list[socket.socket], slot: int = 0) -> int:
-    """Serve SOCKS clients on `listeners` until SIGTERM/SIGINT; return the exit code."""
+def run_worker(
+    config: Config,
+    listeners: list[socket.socket],
+    slot: int = 0,
+    generation: int = 1,
+    stats_fd: int | None = None,
+) -> int:
+    """Serve SOCKS clients on `listeners` until told to stop; return the exit code."""
     setproctitle.setproctitle(f"socksd: worker {slot}")
-    logs.bind_process(role="worker", worker=slot, pid=os.getpid())
-    log = logs.get_logger()
-    loop = Loop()
-    resolver = Resolver(loop, config.resolver.threads)
-    authenticator = (
-        Authenticator(config.auth.users, resolver) if config.auth.method == "password" else None
-    )
-    settings = read_kernel_settings()
-    pressure = PortPressure(
-        settings, config.egress.pressure_threshold, config.egress.max_tracked_targets, log
-    )
-    ctx = WorkerContext(
-        loop, config, resolver, authenticator, log, pressure, EgressPolicy(config.egress.mappings)
-    )
-    watch = _SignalWatch(loop)
-
-    def log_egress_stats() -> None:
-        log.info("egress_stats", **pressure.snapshot(loop.now).to_dict())
-
-    watch.on_usr1 = log_egress_stats  # type: ignore[method-assign]
-    acceptors = [Acceptor(ctx, sock, describe(sock)) for sock in listeners]
-    _report_kernel(log, settings, listeners)
-    log.info(
-        "worker_ready",
-        listen=[a.address for a in acceptors],
-        auth=config.auth.method,
-        config=config.source,
-    )
-    try:
-        loop.run()
-    finally:
-        for acceptor in acceptors:
-            acceptor.close()
-        for conn in list(ctx.open):
-            conn.close("worker_stopping", abortive=True)
-        log_egress_stats()
-        watch.close()
-        resolver.close()
-        loop.close()
-    log.info("worker_stopped", signal=watch.received)
-    return 0
+    logs.bind_process(role="worker", worker=slot, gen=generation, pid=os.getpid())
+    return Worker(config, listeners, slot, generation, stats_fd).run()

@@ -19,6 +19,7 @@ from typing import Any
 from workers.egress import abort
 from workers.loop import EVENT_READ, EVENT_WRITE, Loop, Timer
 from workers.pressure import TargetCounters
+from workers.reporter import WorkerCounters
 
 _DISCONNECTS = (ConnectionError, TimeoutError)
 
@@ -67,6 +68,7 @@ class Relay:
         "_reply_len",
         "_lease",
         "_target_closed_first",
+        "_counters",
     )
 
     def __init__(
@@ -82,6 +84,7 @@ class Relay:
         started: float,
         idle_timeout: float,
         registry: set[Any],
+        counters: WorkerCounters,
         lease: TargetCounters | None = None,
     ) -> None:
         self._loop = loop
@@ -100,6 +103,8 @@ class Relay:
         self._registry = registry
         registry.add(self)
         self._lease = lease
+        self._counters = counters
+        counters.open_tunnels += 1
         # Who sent the first FIN on the upstream connection decides who keeps its
         # 4-tuple in TIME_WAIT: if we did, that quad is not reusable for a while.
         self._target_closed_first = False
@@ -234,12 +239,18 @@ class Relay:
                 abort(side.sock)
             else:
                 side.sock.close()
+        bytes_down = max(0, self.client.sent - self._reply_len)
+        counters = self._counters
+        counters.open_tunnels -= 1
+        counters.tunnels_closed += 1
+        counters.bytes_up += self.upstream.sent
+        counters.bytes_down += bytes_down
         self._log.info(
             "tunnel_closed",
             reply=0,
             reason=reason,
             bytes_up=self.upstream.sent,
-            bytes_down=max(0, self.client.sent - self._reply_len),
+            bytes_down=bytes_down,
             duration_ms=round((self._loop.now - self._started) * 1000, 1),
         )
         self._registry.discard(self)

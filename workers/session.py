@@ -287,6 +287,9 @@ class Session:
         self._transition(Phase.RELAYING)
         bound = upstream.getsockname()
         reply = self._codec.send(CommandReply(Reply.SUCCEEDED, bound[0], bound[1]))
+        counters = self._ctx.counters
+        counters.replied(Reply.SUCCEEDED)
+        counters.tunnels_opened += 1
         if self._mask:
             self._loop.unregister(self.client)
             self._mask = 0
@@ -304,6 +307,7 @@ class Session:
             started=self._started,
             idle_timeout=self._ctx.config.timeouts.idle,
             registry=self._ctx.open,
+            counters=self._ctx.counters,
             lease=lease,
         )
 
@@ -323,6 +327,7 @@ class Session:
             self._connector.cancel()
             self._connector = None
         self._write(self._codec.send(CommandReply(reply)))
+        self._ctx.counters.replied(reply)
         self.log.info(
             "tunnel_closed",
             reply=int(reply),
@@ -340,6 +345,7 @@ class Session:
         self._handshake_failed(exc.reason, drain=bool(exc.reply))
 
     def _handshake_failed(self, reason: str, drain: bool = True, **fields: Any) -> None:
+        self._ctx.counters.handshake_failed(reason)
         self.log.info("handshake_failed", reason=reason, duration_ms=self._elapsed_ms(), **fields)
         if drain:
             self._drain()
@@ -370,7 +376,7 @@ class Session:
     def close(self, reason: str, abortive: bool = False) -> None:
         """Close now (worker shutdown)."""
         if self.phase is not Phase.DRAINING:
-            self.log.info("handshake_failed", reason=reason, duration_ms=self._elapsed_ms())
+            self._handshake_failed(reason, drain=False)
         self._finish()
 
     def _finish(self) -> None:

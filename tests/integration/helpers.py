@@ -35,7 +35,11 @@ class Socksd:
         extra_args: tuple[str, ...] = (),
         prefix: tuple[str, ...] = (),
     ) -> None:
-        self.config_path = tmp / f"socksd-{time.monotonic_ns()}.toml"
+        stamp = time.monotonic_ns()
+        self.config_path = tmp / f"socksd-{stamp}.toml"
+        self.control_path = tmp / f"control-{stamp}.sock"
+        if "[control]" not in config_text:
+            config_text += f'\n[control]\nsocket = "{self.control_path}"\n'
         self.config_path.write_text(config_text)
         self.events: list[dict[str, Any]] = []
         self.raw: list[str] = []
@@ -59,7 +63,7 @@ class Socksd:
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        ready = self.wait_for("worker_ready")
+        ready = self.wait_for("supervisor_ready")
         self.listen: list[tuple[str, int]] = [_split(a) for a in ready["listen"]]
 
     @property
@@ -124,7 +128,7 @@ class Socksd:
             time.sleep(0.01)
 
     def egress_stats(self) -> dict[str, Any]:
-        """Ask the worker for its egress snapshot (SIGUSR1) and return it."""
+        """Ask the (single) worker for its egress snapshot (SIGUSR1) and return it."""
         before = len(self.named("egress_stats"))
         self.proc.send_signal(signal.SIGUSR1)
         deadline = time.monotonic() + TIMEOUT

@@ -1,0 +1,247 @@
+"""The supervisor's local endpoints: the control socket and the optional metrics port.
+
+Owns: a non-blocking one-request-one-response server used for both (a unix socket
+answering `stats`, and a minimal HTTP GET /metrics), the `socksd stats` client, and the
+human table it prints.
+Must not: compute figures; it is handed a function that returns the aggregate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import selectors
+import socket
+import stat
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from socksd.config import ListenAddress
+from socksd.errors import ListenError, SocksdError
+
+MAX_REQUEST = 8192
+Responder = Callable[[bytes], bytes | None]  # request so far -> response, or None: need more
+
+
+class _Conn:
+    """One accepted connection: read a request, write the response, close."""
+
+    __slots__ = ("sock", "_sel", "_respond", "_inbuf", "_out")
+
+    def __init__(self, sock: socket.socket, sel: selectors.BaseSelector, respond: Responder):
+        self.sock = sock
+        self._sel = sel
+        self._respond = respond
+        self._inbuf = b""
+        self._out = b""
+        sock.setblocking(False)
+        sel.register(sock, selectors.EVENT_READ, self)
+
+    def on_readable(self) -> None:
+        try:
+            data = self.sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        self._inbuf += data
+        response = self._respond(self._inbuf) if data else None
+        if response is None and data and len(self._inbuf) < MAX_REQUEST:
+            return
+        self._out = response or b""
+        self._sel.modify(self.sock, selectors.EVENT_WRITE, self)
+        self.on_writable()
+
+    def on_writable(self) -> None:
+        try:
+            sent = self.sock.send(self._out) if self._out else 0
+        except BlockingIOError:
+            return
+        except OSError:
+            self._out = b""
+            sent = 0
+        self._out = self._out[sent:]
+        if not self._out:
+            self._sel.unregister(self.sock)
+            self.sock.close()
+
+
+class Endpoint:
+    """A listening socket whose connections each get one response."""
+
+    def __init__(self, sock: socket.socket, sel: selectors.BaseSelector, respond: Responder):
+        self.sock = sock
+        self._sel = sel
+        self._respond = respond
+        sock.setblocking(False)
+        sel.register(sock, selectors.EVENT_READ, self)
+
+    def on_readable(self) -> None:
+        for _ in range(16):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    return  # the next tick tries again; never worth crashing over
+                raise
+            _Conn(conn, self._sel, self._respond)
+
+    def on_writable(self) -> None:  # pragma: no cover - registered for read only
+        raise AssertionError("endpoint registered for write")
+
+    def close(self) -> None:
+        self._sel.unregister(self.sock)
+        self.sock.close()
+
+
+def open_control_socket(path: str) -> socket.socket:
+    """Bind the unix control socket (mode 0600), replacing a stale one.
+
+    Raises:
+        ListenError: another live process answers on `path`, or it cannot be bound.
+    """
+    if os.path.exists(path):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            raise ListenError(f"control socket {path!r} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale: nobody listens
+        else:
+            raise ListenError(f"control socket {path!r} is in use by another socksd")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot bind control socket {path!r}: {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    return sock
+
+
+def open_metrics_socket(address: ListenAddress) -> socket.socket:
+    sock = socket.socket(address.family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((address.host, address.port))
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot listen on metrics.listen {address}: {exc.strerror}") from None
+    sock.listen(64)
+    return sock
+
+
+def control_responder(aggregate: Callable[[], dict[str, Any]]) -> Responder:
+    def respond(request: bytes) -> bytes | None:
+        if b"\n" not in request:
+            return None
+        command = request.split(b"\n", 1)[0].strip()
+        if command == b"stats":
+            return orjson.dumps(aggregate(), option=orjson.OPT_NON_STR_KEYS) + b"\n"
+        return orjson.dumps({"error": f"unknown command {command.decode(errors='replace')!r}"})
+
+    return respond
+
+
+def metrics_responder(render: Callable[[], str]) -> Responder:
+    def respond(request: bytes) -> bytes | None:
+        if b"\r\n\r\n" not in request and b"\n\n" not in request:
+            return None
+        line = request.split(b"\n", 1)[0].split()
+        if len(line) >= 2 and line[0] == b"GET" and line[1] in (b"/metrics", b"/"):
+            body = render().encode()
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+        else:
+            body = b"not found\n"
+            head = b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\n"
+        return head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+
+    return respond
+
+
+def query(path: str, command: str = "stats", timeout: float = 5.0) -> dict[str, Any]:
+    """Ask a running supervisor (the `socksd stats` client).
+
+    Raises:
+        SocksdError: nothing answers on `path`.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+        sock.sendall(command.encode() + b"\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except OSError as exc:
+        raise SocksdError(f"no socksd answers on {path!r}: {exc.strerror or exc}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            sock.close()
+    result: dict[str, Any] = orjson.loads(b"".join(chunks))
+    return result
+
+
+def format_table(agg: dict[str, Any]) -> str:
+    """The human view of `socksd stats`."""
+    sup, total = agg["supervisor"], agg["total"]
+    c, g = total["counters"], total["gauges"]
+    lines = [
+        f"socksd pid {sup['pid']}  generation {sup['generation']}  workers "
+        f"{sum(1 for w in agg['workers'] if w['alive'])}/{sup['workers_wanted']}  "
+        f"up {sup['uptime_s']:.0f} s  config {sup['config']}",
+        "",
+        f"{'worker':>6} {'pid':>8} {'gen':>4} {'open':>7} {'opened':>10} {'closed':>10} "
+        f"{'bytes up':>14} {'bytes down':>14} {'seen':>6}",
+    ]
+    rows = [
+        *agg["workers"],
+        {"slot": "total", "pid": "", "gen": "", "counters": c, "gauges": g, "last_seen_s": None},
+    ]
+    for w in rows:
+        wc, wg = w["counters"], w["gauges"]
+        seen = "" if w["last_seen_s"] is None else f"{w['last_seen_s']:.1f}s"
+        lines.append(
+            f"{w['slot']!s:>6} {w['pid']!s:>8} {w['gen']!s:>4} {wg.get('open_tunnels', 0):>7} "
+            f"{wc.get('tunnels_opened', 0):>10} {wc.get('tunnels_closed', 0):>10} "
+            f"{wc.get('bytes_up', 0):>14} {wc.get('bytes_down', 0):>14} {seen:>6}"
+        )
+    lines += [
+        "",
+        f"replies {c.get('replies', {})}  handshake failures {c.get('handshake_failures', {})}",
+        "",
+    ]
+    eg = agg["egress"]
+    lines.append(f"egress (ephemeral ports P = {eg['ephemeral_ports']})")
+    lines.append(
+        f"{'egress ip':<40} {'open':>7} {'ok':>10} {'exhausted':>9} {'retries':>8} {'rescued':>8}"
+    )
+    for ip in eg["ips"]:
+        lines.append(
+            f"{ip['ip']:<40} {ip['open']:>7} {ip['succeeded']:>10} "
+            f"{ip['exhausted']:>9} {ip['retries']:>8} {ip['rescued']:>8}"
+        )
+    tw = {(r["egress_ip"], r["target"]): r["count"] for r in eg["time_wait"]["by_pair"]}
+    lines += [
+        "",
+        f"{'egress ip':<40} {'target':<46} {'open':>6} {'closing':>7} "
+        f"{'TIME_WAIT':>9} {'pressure':>8}",
+    ]
+    for t in eg["targets"]:
+        lines.append(
+            f"{t['egress_ip']:<40} {t['target']:<46} {t['open']:>6} {t['recent_closes']:>7} "
+            f"{tw.get((t['egress_ip'], t['target']), 0):>9} {t['pressure']:>8.1%}"
+        )
+    return "\n".join(lines)

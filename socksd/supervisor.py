@@ -1,0 +1,492 @@
+"""The supervisor: one worker process per slot on shared SO_REUSEPORT listeners.
+
+Owns: listeners (opened before any fork, kept open so no accept queue is ever reset),
+forking and replacing workers, generations on reload, signals, stats aggregation,
+the control socket, systemd notifications.
+Must not: know SOCKS. The worker's entry point is injected by `socksd.cli`.
+
+Signals wake this process's own selector loop (the handlers do nothing): TERM/INT
+drain and exit 0, QUIT stops at once, HUP reloads, CHLD reaps, USR1 makes every
+worker log its `egress_stats`.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import setproctitle
+
+from socksd import logs, metrics, notify
+from socksd.config import Config, ListenAddress
+from socksd.control import (
+    Endpoint,
+    control_responder,
+    metrics_responder,
+    open_control_socket,
+    open_metrics_socket,
+)
+from socksd.errors import EXIT_BOOT, EXIT_OK, SocksdError
+from socksd.kernel import check, read_kernel_settings
+from socksd.listeners import close_all, grow_slots, open_slot_listeners
+from socksd.stats import WorkerView, add_counters, aggregate_egress
+from socksd.timewait import TimeWaitSample, sample_time_wait
+
+WorkerEntry = Callable[[Config, list[socket.socket], int, int, int], int]
+Loader = Callable[[], Config]
+_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGHUP,
+    signal.SIGCHLD,
+    signal.SIGUSR1,
+)
+_KILL_GRACE = 5.0  # after TERM to a hung worker, or past the drain deadline
+# ~0.5 us a row: a sample never holds the supervisor's loop for more than ~0.1 s.
+_TIMEWAIT_ROWS = 200_000
+
+
+@dataclass(eq=False)
+class Proc:
+    """One worker process as the supervisor sees it."""
+
+    view: WorkerView
+    pipe: int
+    buf: bytes = b""
+    term_at: float | None = None  # when we sent SIGTERM
+    kill_after: float = 0.0
+
+
+@dataclass
+class Slot:
+    index: int
+    proc: Proc | None = None
+    failures: int = 0
+    spawn_at: float | None = 0.0
+
+
+class _Wakeup:
+    def __init__(self, sup: Supervisor) -> None:
+        self.r, self.w = socket.socketpair()
+        self.r.setblocking(False)
+        self.w.setblocking(False)
+        self._sup = sup
+
+    def on_readable(self) -> None:
+        try:
+            data = self.r.recv(256)
+        except BlockingIOError:
+            return
+        for signum in data:
+            self._sup.on_signal(signum)
+
+
+@dataclass(eq=False)
+class _Pipe:
+    proc: Proc
+    sup: Supervisor = field(repr=False)
+
+    def on_readable(self) -> None:
+        self.sup.read_stats(self.proc)
+
+
+class Supervisor:
+    def __init__(self, config: Config, load: Loader, entry: WorkerEntry) -> None:
+        self.config = config
+        self._load = load
+        self._entry = entry
+        self.log = logs.get_logger()
+        self.sel = selectors.DefaultSelector()
+        self.notifier = notify.Notifier()
+        self.gen = 1
+        self.started = time.monotonic()
+        self.procs: dict[int, Proc] = {}
+        self.retired: dict[str, Any] = {}  # counters of workers that are gone
+        self.slots = [Slot(i) for i in range(config.worker_count)]
+        self.listeners = open_slot_listeners(config.listen, config.worker_count)
+        self.wake = _Wakeup(self)
+        self.sel.register(self.wake.r, selectors.EVENT_READ, self.wake)
+        self.control = Endpoint(
+            open_control_socket(config.control.path()), self.sel, control_responder(self.aggregate)
+        )
+        self.metrics: Endpoint | None = None
+        if config.metrics_listen is not None:
+            self.metrics = Endpoint(
+                open_metrics_socket(config.metrics_listen),
+                self.sel,
+                metrics_responder(lambda: metrics.render(self.aggregate())),
+            )
+        self.time_wait = TimeWaitSample(total=0, by_pair=(), truncated=False)
+        self.stopping: float | None = None  # drain deadline once stopping
+        self.fatal: str | None = None
+        self.ready_sent = False
+        self._next = {"stats_log": 0.0, "timewait": 0.0, "status": 0.0}
+
+    # -- signals ------------------------------------------------------------------------
+
+    def on_signal(self, signum: int) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.stop(graceful=True)
+        elif signum == signal.SIGQUIT:
+            self.stop(graceful=False)
+        elif signum == signal.SIGHUP and self.stopping is None:
+            self.reload()
+        elif signum == signal.SIGUSR1:
+            for proc in self.procs.values():  # each worker logs its egress_stats
+                os.kill(proc.view.pid, signal.SIGUSR1)
+
+    def stop(self, graceful: bool) -> None:
+        if self.stopping is not None and graceful:
+            return
+        timeout = self.config.shutdown_timeout if graceful else 0.0
+        self.stopping = time.monotonic() + timeout + _KILL_GRACE
+        self.notifier.stopping()
+        self.log.info("supervisor_stopping", graceful=graceful, workers=len(self.procs))
+        for proc in self.procs.values():
+            self._signal(proc, signal.SIGTERM if graceful else signal.SIGQUIT)
+            proc.kill_after = self.stopping
+
+    def reload(self) -> None:
+        """HUP: validate the new config, then a new generation on the same sockets.
+
+        Control socket and metrics address changes need a restart.
+        """
+        self.notifier.reloading()
+        try:
+            new = self._load()
+            listeners = self._listeners_for(new)
+        except SocksdError as exc:
+            # A bad config is an operator error: its message, not a traceback.
+            self.log.error("reload_failed", error=str(exc), keeping=self.config.source)  # noqa: TRY400
+            self.notifier.ready()
+            return
+        for address, socks in self.listeners.items():
+            kept = listeners.get(address, [])
+            for sock in socks:
+                if sock not in kept:
+                    sock.close()  # removed address or slot: its old worker drains
+        self.listeners = listeners
+        logs.configure(new.log.level)
+        old = list(self.procs.values())
+        self.config, self.gen = new, self.gen + 1
+        self.slots = [Slot(i) for i in range(new.worker_count)]
+        self.ready_sent = False
+        deadline = time.monotonic() + new.shutdown_timeout + _KILL_GRACE
+        for proc in old:
+            self._signal(proc, signal.SIGTERM)
+            proc.kill_after = deadline
+        self.log.info(
+            "reloaded",
+            generation=self.gen,
+            config=new.source,
+            listen=[str(a) for a in new.listen],
+            workers=new.worker_count,
+            draining=len(old),
+        )
+
+    def _listeners_for(self, new: Config) -> dict[ListenAddress, list[socket.socket]]:
+        """The slot sockets `new` needs, reusing ours; on error close only what it opened."""
+        result: dict[ListenAddress, list[socket.socket]] = {}
+        try:
+            for address in new.listen:
+                have = self.listeners.get(address, [])[: new.worker_count]
+                result[address] = grow_slots(address, have, new.worker_count)
+        except SocksdError:
+            for address, socks in result.items():
+                mine = self.listeners.get(address, [])
+                for sock in socks:
+                    if sock not in mine:
+                        sock.close()
+            raise
+        return result
+
+    # -- workers ------------------------------------------------------------------------
+
+    def spawn(self, slot: Slot) -> None:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: become a worker, never return
+            code = EXIT_BOOT
+            try:
+                os.close(r)
+                self._become_worker(slot.index)
+                socks = [socks[slot.index] for socks in self.listeners.values()]
+                code = self._entry(self.config, socks, slot.index, self.gen, w)
+            except BaseException:  # noqa: BLE001 - the child must never return to us
+                traceback.print_exc()
+                code = EXIT_BOOT
+            finally:
+                sys.stdout.flush()
+                os._exit(code)
+        os.close(w)
+        os.set_blocking(r, False)
+        now = time.monotonic()
+        proc = Proc(
+            WorkerView(slot=slot.index, gen=self.gen, pid=pid, started=now, last_seen=now), r
+        )
+        self.procs[pid] = proc
+        slot.proc, slot.spawn_at = proc, None
+        self.sel.register(r, selectors.EVENT_READ, _Pipe(proc, self))
+        self.log.info("worker_spawned", worker=slot.index, gen=self.gen, worker_pid=pid)
+
+    def _become_worker(self, index: int) -> None:
+        """In the child: drop every supervisor fd that is not this slot's."""
+        signal.set_wakeup_fd(-1)
+        for signum in _SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        for socks in self.listeners.values():
+            for i, sock in enumerate(socks):
+                if i != index:
+                    sock.close()
+        for proc in self.procs.values():
+            os.close(proc.pipe)
+        self.control.sock.close()
+        if self.metrics is not None:
+            self.metrics.sock.close()
+        self.wake.r.close()
+        self.wake.w.close()
+        self.sel.close()
+        notify.unset_environment()
+
+    def read_stats(self, proc: Proc) -> None:
+        try:
+            data = os.read(proc.pipe, 65536)
+        except BlockingIOError:
+            return
+        if not data:
+            self.sel.unregister(proc.pipe)
+            os.close(proc.pipe)
+            proc.pipe = -1
+            return
+        *lines, proc.buf = (proc.buf + data).split(b"\n")
+        now = time.monotonic()
+        for line in lines:
+            try:
+                proc.view.feed(orjson.loads(line), now)
+            except (orjson.JSONDecodeError, TypeError, KeyError) as exc:
+                self.log.warning("stats_line_invalid", worker=proc.view.slot, error=str(exc))
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            proc = self.procs.pop(pid, None)
+            if proc is None:
+                continue
+            if proc.pipe >= 0:
+                self.read_stats(proc)  # the bye line, if it is still in the pipe
+                if proc.pipe >= 0:
+                    self.sel.unregister(proc.pipe)
+                    os.close(proc.pipe)
+            add_counters(self.retired, proc.view.counters)
+            code = os.waitstatus_to_exitcode(status)
+            view = proc.view
+            self.log.info(
+                "worker_exited",
+                worker=view.slot,
+                gen=view.gen,
+                worker_pid=pid,
+                exit_code=code,
+                lived_s=round(time.monotonic() - view.started, 1),
+            )
+            slot = self._slot_of(proc)
+            if slot is None or self.stopping is not None:
+                continue
+            slot.proc = None
+            if code == EXIT_BOOT and not view.hello:
+                self.fatal = f"worker {view.slot} failed to boot (exit status {code})"
+                self.stop(graceful=False)
+                return
+            quick = time.monotonic() - view.started < 10.0
+            slot.failures = slot.failures + 1 if quick else 0
+            delay = 0.0 if slot.failures <= 1 else min(30.0, 0.5 * 2 ** (slot.failures - 2))
+            slot.spawn_at = time.monotonic() + delay
+            self.log.warning("worker_died", worker=view.slot, exit_code=code, respawn_in_s=delay)
+
+    def _slot_of(self, proc: Proc) -> Slot | None:
+        if proc.view.gen != self.gen or proc.view.slot >= len(self.slots):
+            return None
+        slot = self.slots[proc.view.slot]
+        return slot if slot.proc is proc else None
+
+    def _signal(self, proc: Proc, signum: int) -> None:
+        proc.term_at = proc.term_at or time.monotonic()
+        try:
+            os.kill(proc.view.pid, signum)
+        except ProcessLookupError:
+            pass  # already gone; the reaper will see it
+
+    # -- periodic work ------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        if self.stopping is None:
+            for slot in self.slots:
+                if slot.proc is None and slot.spawn_at is not None and now >= slot.spawn_at:
+                    self.spawn(slot)
+        hb = self.config.stats.heartbeat_timeout
+        for proc in list(self.procs.values()):
+            if proc.term_at is None and now - proc.view.last_seen > hb:
+                self.log.error(
+                    "worker_hung",
+                    worker=proc.view.slot,
+                    worker_pid=proc.view.pid,
+                    silent_s=round(now - proc.view.last_seen, 1),
+                )
+                self._signal(proc, signal.SIGTERM)
+                proc.kill_after = now + _KILL_GRACE
+            elif proc.term_at is not None and now > proc.kill_after:
+                self._signal(proc, signal.SIGKILL)
+        current = [s.proc for s in self.slots]
+        if not self.ready_sent and all(p is not None and p.view.hello for p in current):
+            self.ready_sent = True
+            self.notifier.ready(self._status())
+            self.log.info(
+                "supervisor_ready",
+                generation=self.gen,
+                workers=len(current),
+                listen=[self._describe(a) for a in self.listeners],
+                metrics=self._metrics_address(),
+            )
+        if now >= self._next["timewait"]:
+            self._next["timewait"] = now + self.config.stats.timewait_interval
+            ips = {ip["ip"] for v in self._views() for ip in v.egress_ips}
+            self.time_wait = sample_time_wait(local_ips=ips or None, max_rows=_TIMEWAIT_ROWS)
+        if now >= self._next["status"] and self.ready_sent:
+            self._next["status"] = now + 5.0
+            self.notifier.status(self._status())
+        if now >= self._next["stats_log"]:
+            if self._next["stats_log"]:
+                agg = self.aggregate()
+                self.log.info(
+                    "stats",
+                    **agg["total"],
+                    egress_targets=agg["egress"]["targets"][:5],
+                    time_wait=agg["egress"]["time_wait"]["total"],
+                )
+            self._next["stats_log"] = now + self.config.stats.log_interval
+
+    def _describe(self, address: ListenAddress) -> str:
+        return str(ListenAddress(address.host, self.listeners[address][0].getsockname()[1]))
+
+    def _metrics_address(self) -> str | None:
+        if self.metrics is None:
+            return None
+        host, port = self.metrics.sock.getsockname()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def _status(self) -> str:
+        open_tunnels = sum(v.gauges.get("open_tunnels", 0) for v in self._views())
+        return f"{open_tunnels} open tunnels, {len(self.procs)} workers, generation {self.gen}"
+
+    def _views(self) -> list[WorkerView]:
+        return [p.view for p in self.procs.values()]
+
+    def aggregate(self) -> dict[str, Any]:
+        now = time.monotonic()
+        views = self._views()
+        counters: dict[str, Any] = {}
+        add_counters(counters, self.retired)
+        gauges: dict[str, Any] = {}
+        workers = []
+        for v in sorted(views, key=lambda v: (v.gen, v.slot)):
+            add_counters(counters, v.counters)
+            add_counters(gauges, v.gauges)
+            workers.append(
+                {
+                    "slot": v.slot,
+                    "gen": v.gen,
+                    "pid": v.pid,
+                    "alive": True,
+                    "last_seen_s": round(now - v.last_seen, 2),
+                    "restarts": self.slots[v.slot].failures if v.slot < len(self.slots) else 0,
+                    "counters": v.counters,
+                    "gauges": v.gauges,
+                }
+            )
+        for slot in self.slots:
+            if slot.proc is None:  # dead or waiting for its respawn
+                workers.append(
+                    {
+                        "slot": slot.index,
+                        "gen": self.gen,
+                        "pid": None,
+                        "alive": False,
+                        "last_seen_s": None,
+                        "restarts": slot.failures,
+                        "counters": {},
+                        "gauges": {},
+                    }
+                )
+        egress = aggregate_egress(views)
+        ports = egress["ephemeral_ports"]
+        egress["time_wait"] = {
+            "total": self.time_wait.total,
+            "truncated": self.time_wait.truncated,
+            "by_pair": [
+                {"egress_ip": ip, "target": t, "count": n, "pressure": round(n / ports, 4)}
+                for ip, t, n in self.time_wait.by_pair
+            ],
+        }
+        return {
+            "supervisor": {
+                "pid": os.getpid(),
+                "generation": self.gen,
+                "workers_wanted": len(self.slots),
+                "uptime_s": round(now - self.started, 1),
+                "config": self.config.source,
+            },
+            "total": {"counters": counters, "gauges": gauges},
+            "workers": workers,
+            "egress": egress,
+        }
+
+    # -- main loop ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        setproctitle.setproctitle(f"socksd: supervisor [{self.config.source}]")
+        signal.set_wakeup_fd(self.wake.w.fileno(), warn_on_full_buffer=False)
+        for signum in _SIGNALS:
+            signal.signal(signum, _ignore)
+        settings = read_kernel_settings()
+        self.log.info("kernel_settings", **settings.as_log())
+        for event, fields in check(settings, self._bound_addresses()):
+            self.log.warning(event, **fields)
+        try:
+            while self.stopping is None or self.procs:
+                for key, _ in self.sel.select(0.25):
+                    key.data.on_readable()
+                self.reap()
+                self.tick(time.monotonic())
+        finally:
+            close_all(self.listeners)
+            self.control.close()
+            os.unlink(self.config.control.path())
+            if self.metrics is not None:
+                self.metrics.close()
+        if self.fatal is not None:
+            self.log.error("supervisor_failed", error=self.fatal)
+            print(f"socksd: {self.fatal}", file=sys.stderr)
+            return EXIT_BOOT
+        self.log.info("supervisor_stopped")
+        return EXIT_OK
+
+    def _bound_addresses(self) -> list[ListenAddress]:
+        return [ListenAddress(a.host, s[0].getsockname()[1]) for a, s in self.listeners.items()]
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    return None  # the wakeup fd carries the signal to the loop

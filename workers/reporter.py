@@ -1,0 +1,174 @@
+"""What a worker tells the supervisor: counters, gauges and egress figures, on a timer.
+
+Owns: the worker's counters (`WorkerCounters`, bumped by acceptor, session and relay),
+the timed flush of stats lines to the supervisor's pipe, hello/bye, and noticing
+that the supervisor is gone.
+Must not: block. The pipe is non-blocking; a full pipe drops the line and counts it.
+
+Counters are totals since the worker started (not deltas), so a dropped line loses
+nothing: the next one carries the totals. Each line is one orjson object under
+PIPE_BUF bytes, so the kernel writes it whole or not at all; egress figures are split
+over as many `egress` lines as they need.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import orjson
+
+from socksd.stats import PIPE_LINE_MAX, encode_egress_lines
+from workers.loop import Loop, Timer
+from workers.pressure import PortPressure
+
+
+class WorkerCounters:
+    """Totals since the worker started; gauges are derived at report time."""
+
+    __slots__ = (
+        "accepted",
+        "tunnels_opened",
+        "tunnels_closed",
+        "bytes_up",
+        "bytes_down",
+        "handshake_failures",
+        "replies",
+        "open_tunnels",
+        "dropped_lines",
+    )
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.tunnels_opened = 0
+        self.tunnels_closed = 0
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.handshake_failures: dict[str, int] = {}
+        self.replies: dict[int, int] = {}
+        self.open_tunnels = 0
+        self.dropped_lines = 0
+
+    def handshake_failed(self, reason: str) -> None:
+        self.handshake_failures[reason] = self.handshake_failures.get(reason, 0) + 1
+
+    def replied(self, code: int) -> None:
+        self.replies[code] = self.replies.get(code, 0) + 1
+
+
+class Reporter:
+    """Writes this worker's stats lines to the supervisor every `interval` seconds."""
+
+    def __init__(
+        self,
+        loop: Loop,
+        fd: int | None,
+        counters: WorkerCounters,
+        pressure: PortPressure,
+        open_conns: set[Any],
+        slot: int,
+        generation: int,
+        interval: float,
+        on_orphaned: Any,
+    ) -> None:
+        self._loop = loop
+        self._fd = fd
+        self._counters = counters
+        self._pressure = pressure
+        self._open = open_conns
+        self._slot = slot
+        self._gen = generation
+        self._interval = interval
+        self._seq = 0
+        self._parent = os.getppid()
+        self._on_orphaned = on_orphaned
+        self._timer: Timer | None = None
+        if fd is not None:
+            os.set_blocking(fd, False)
+
+    def start(self) -> None:
+        self._send({"kind": "hello"})
+        self._timer = self._loop.call_later(self._interval, self._tick)
+
+    def _tick(self) -> None:
+        if os.getppid() != self._parent:
+            self._on_orphaned()  # the supervisor died: nobody will ever stop us
+            return
+        self.flush()
+        self._timer = self._loop.call_later(self._interval, self._tick)
+
+    def flush(self) -> None:
+        """Send the current figures now (also called at exit)."""
+        c = self._counters
+        egress = self._pressure.snapshot(self._loop.now)
+        egress_errors: dict[str, int] = {}
+        retries = rescued = exhausted = 0
+        for ip in egress.ips:
+            retries += ip.retries
+            rescued += ip.rescued
+            exhausted += ip.exhausted
+            for name, n in ip.failed.items():
+                egress_errors[name] = egress_errors.get(name, 0) + n
+        self._seq += 1
+        self._send(
+            {
+                "kind": "stats",
+                "counters": {
+                    "accepted": c.accepted,
+                    "tunnels_opened": c.tunnels_opened,
+                    "tunnels_closed": c.tunnels_closed,
+                    "bytes_up": c.bytes_up,
+                    "bytes_down": c.bytes_down,
+                    "handshake_failures": c.handshake_failures,
+                    "replies": {str(k): v for k, v in c.replies.items()},
+                    "egress_errors": egress_errors,
+                    "retries": retries,
+                    "rescued": rescued,
+                    "exhausted": exhausted,
+                    "dropped_lines": c.dropped_lines,
+                },
+                "gauges": {
+                    "open_tunnels": c.open_tunnels,
+                    "open_sessions": len(self._open) - c.open_tunnels,
+                },
+            }
+        )
+        for line in encode_egress_lines(egress, self._header()):
+            self._write(line)
+
+    def bye(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.flush()
+        self._send({"kind": "bye"})
+
+    def _header(self) -> dict[str, Any]:
+        return {
+            "v": 1,
+            "worker": self._slot,
+            "gen": self._gen,
+            "pid": os.getpid(),
+            "seq": self._seq,
+            "ts": round(time.time(), 3),
+        }
+
+    def _send(self, body: dict[str, Any]) -> None:
+        line = orjson.dumps({**self._header(), **body}) + b"\n"
+        if len(line) > PIPE_LINE_MAX:
+            # Only handshake-failure reasons and errno names are open-ended, and both
+            # come from fixed sets; drop the detail rather than break atomicity.
+            body = {**body, "truncated": True}
+            body.get("counters", {}).pop("handshake_failures", None)
+            line = orjson.dumps({**self._header(), **body}) + b"\n"
+        self._write(line)
+
+    def _write(self, line: bytes) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.write(self._fd, line)
+        except BlockingIOError:
+            self._counters.dropped_lines += 1
+        except BrokenPipeError:
+            self._fd = None  # supervisor gone; the ppid check ends us
