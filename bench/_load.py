@@ -32,7 +32,9 @@ def main() -> None:
     buckets = [0] * (int(seconds_f) + 2)
     failures: dict[str, int] = {}
     lock = threading.Lock()
-    request = b"\x05\x01\x00\x01" + ipaddress.ip_address(thost).packed + struct.pack("!H", target[1])
+    request = (
+        b"\x05\x01\x00\x01" + ipaddress.ip_address(thost).packed + struct.pack("!H", target[1])
+    )
 
     def one(src: str) -> str | None:
         s = socket.socket()
@@ -50,13 +52,12 @@ def main() -> None:
                     head += chunk
                 if len(head) < 12 or head[3] != 0:
                     return f"rep_{head[3] if len(head) > 3 else 'eof'}"
-            if s.recv(1) != b"!":
-                return "no_byte"
-            return None
+            got = s.recv(1)
         except OSError as exc:
             return errno.errorcode.get(exc.errno or 0, "oserror").lower()
         finally:
             s.close()
+        return None if got == b"!" else "no_byte"
 
     def worker(i: int) -> None:
         src = prefix if proxy is None else f"{prefix}.{1 + i % 64}"

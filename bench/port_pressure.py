@@ -53,8 +53,16 @@ def _start_target(ns: NetNS) -> subprocess.Popen[bytes]:
 
 
 def _load(ns: NetNS, mode: str, seconds: float, procs: int, threads: int, src: str) -> dict:
-    argv = [sys.executable, str(REPO / "bench" / "_load.py"), mode, TARGET[0], str(TARGET[1]),
-            str(seconds), str(threads), src]
+    argv = [
+        sys.executable,
+        str(REPO / "bench" / "_load.py"),
+        mode,
+        TARGET[0],
+        str(TARGET[1]),
+        str(seconds),
+        str(threads),
+        src,
+    ]
     if mode == "socks":
         argv += [EGRESS, str(PROXY_PORT)]
     runners = [ns.popen(argv, stdout=subprocess.PIPE) for _ in range(procs)]
@@ -83,7 +91,9 @@ def _socksd(ns: NetNS, tmp: Path) -> subprocess.Popen[bytes]:
     )
     proc = ns.popen(
         [sys.executable, "-m", "socksd", "--config", str(config)],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     time.sleep(1.0)  # imports; the load's failures would show a late start anyway
     return proc
@@ -98,8 +108,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=24, help="threads per load process")
     args = ap.parse_args()
     limit = args.ports / (args.delay_ms / 1000.0)
-    print(f"P = {args.ports} ports, H = {args.delay_ms} ms: kernel limit P/H = {limit:.0f}/s "
-          f"per (egress IP, target); {args.seconds:.0f} s per run")
+    print(
+        f"P = {args.ports} ports, H = {args.delay_ms} ms: kernel limit P/H = {limit:.0f}/s "
+        f"per (egress IP, target); {args.seconds:.0f} s per run"
+    )
 
     results = {}
     for mode in ("direct", "socks"):
@@ -119,11 +131,15 @@ def main() -> int:
     ours = _steady_median(results["socks"]["per_second"])
     for name, key in (("baseline (no proxy, NO_PORT)", "direct"), ("socksd (1 worker)", "socks")):
         r = results[key]
-        print(f"{name:30s} median {_steady_median(r['per_second']):8.0f} tunnels/s  "
-              f"total {sum(r['per_second']):7d}  failures {r['failures'] or 0}")
+        print(
+            f"{name:30s} median {_steady_median(r['per_second']):8.0f} tunnels/s  "
+            f"total {sum(r['per_second']):7d}  failures {r['failures'] or 0}"
+        )
         print(f"{'':30s} per second: {r['per_second']}")
-    print(f"socksd / baseline = {ours / base:.2f}   socksd / (P/H) = {ours / limit:.2f}   "
-          f"baseline / (P/H) = {base / limit:.2f}")
+    print(
+        f"socksd / baseline = {ours / base:.2f}   socksd / (P/H) = {ours / limit:.2f}   "
+        f"baseline / (P/H) = {base / limit:.2f}"
+    )
     return 0
 
 
