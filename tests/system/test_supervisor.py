@@ -342,3 +342,27 @@ def test_worker_boot_failure_stops_the_supervisor(tmp_path):
     spawned = result.stdout.count('"worker_spawned"')
     assert 1 <= spawned <= 2, "no respawn loop"
     assert not (tmp_path / "c.sock").exists()
+
+
+def test_reload_opens_added_and_closes_removed_listen_addresses(socksd, target):
+    proc = socksd(_config(workers=2))
+    host, port = proc.address
+    text = proc.config_path.read_text()
+    grown = text.replace('listen = ["127.0.0.1:0"]', f'listen = ["{host}:{port}", "127.0.0.2:0"]')
+    proc.config_path.write_text(grown)
+    proc.proc.send_signal(signal.SIGHUP)
+    ready = proc.wait_count("supervisor_ready", 2)[-1]
+    assert len(ready["listen"]) == 2
+    added = ready["listen"][1]
+    added_addr = (added.rpartition(":")[0], int(added.rpartition(":")[2]))
+    _roundtrip(proc.address, target.port)
+    _roundtrip(added_addr, target.port)
+    proc.config_path.write_text(
+        text.replace('listen = ["127.0.0.1:0"]', f'listen = ["{host}:{port}"]')
+    )
+    proc.proc.send_signal(signal.SIGHUP)
+    proc.wait_count("supervisor_ready", 3)
+    proc.wait_count("worker_exited", 4)  # both earlier generations are gone
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(added_addr, timeout=TIMEOUT).close()
+    _roundtrip(proc.address, target.port)
