@@ -28,6 +28,8 @@ Candidate = tuple[str, socket.AddressFamily, tuple[Any, ...]]
 
 def normalize_ip(text: str) -> str:
     """Return the canonical text of an IP; an IPv4-mapped IPv6 address becomes IPv4."""
+    if ":" not in text:
+        return text  # the kernel's dotted quad is canonical already (hot path: accept)
     ip = ipaddress.ip_address(text.split("%", 1)[0])
     if ip.version == 6 and ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)

@@ -226,6 +226,7 @@ class Supervisor:
                 traceback.print_exc()
                 code = EXIT_BOOT
             finally:
+                logs.flush()
                 sys.stdout.flush()
                 os._exit(code)
         os.close(w)

@@ -153,6 +153,8 @@ class Worker:
             config=self.config.source,
         )
         self.reporter.start()
+        logs.set_buffered(True)
+        self.loop.tick_hooks.append(logs.flush)
         try:
             self.loop.run()
         finally:
@@ -170,6 +172,7 @@ class Worker:
             self.resolver.close()
             self.loop.close()
         self.log.info("worker_stopped", signal=self.stop_signal, cut_connections=cut)
+        logs.set_buffered(False)
         return 0
 
 

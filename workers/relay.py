@@ -86,6 +86,8 @@ class Relay:
         registry: set[Any],
         counters: WorkerCounters,
         lease: TargetCounters | None = None,
+        client_mask: int = 0,
+        upstream_mask: int = 0,
     ) -> None:
         self._loop = loop
         self._view = buffer
@@ -94,6 +96,12 @@ class Relay:
         self.upstream = _Side(upstream, self, to_upstream)
         self.client.peer = self.upstream
         self.upstream.peer = self.client
+        # Registrations handed over by the session and the connector (0: none): take
+        # them over (a dict update; epoll_ctl only when the mask changes).
+        for side, mask in ((self.client, client_mask), (self.upstream, upstream_mask)):
+            if mask:
+                loop.modify(side.sock, mask, side)
+                side.mask = mask
         self._log = log
         self._reply_len = len(to_client)  # the SOCKS reply is not tunnel payload
         self._started = started

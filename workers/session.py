@@ -290,9 +290,7 @@ class Session:
         counters = self._ctx.counters
         counters.replied(Reply.SUCCEEDED)
         counters.tunnels_opened += 1
-        if self._mask:
-            self._loop.unregister(self.client)
-            self._mask = 0
+        client_mask, self._mask = self._mask, 0  # the relay takes the registration over
         self._ctx.open.discard(self)
         log = self.log.bind(egress=_format_target(bound[0], bound[1]))
         log.debug("tunnel_opened")
@@ -309,6 +307,8 @@ class Session:
             registry=self._ctx.open,
             counters=self._ctx.counters,
             lease=lease,
+            client_mask=client_mask,
+            upstream_mask=EVENT_WRITE,
         )
 
     # -- endings ------------------------------------------------------------------------
