@@ -136,6 +136,7 @@ class Config:
     stats: StatsConfig = StatsConfig()
     control: ControlConfig = ControlConfig()
     metrics_listen: ListenAddress | None = None
+    relay_splice: bool = True
     source: str = "<embedded default>"
 
     @property
@@ -356,6 +357,12 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         raise ConfigError(f'control.socket: must be a path or "auto", got {control_socket!r}')
     ct.done()
 
+    rl = root.table("relay")
+    splice = rl.get("splice", True)
+    if not isinstance(splice, bool):
+        raise ConfigError(f"relay.splice: must be true or false, got {splice!r}")
+    rl.done()
+
     mt = root.table("metrics")
     metrics_raw = mt.get("listen")
     metrics_listen = None if metrics_raw is None else parse_listen(metrics_raw, "metrics.listen")
@@ -374,6 +381,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         stats=stats,
         control=ControlConfig(control_socket),
         metrics_listen=metrics_listen,
+        relay_splice=splice,
         source=source,
     )
 

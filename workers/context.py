@@ -14,6 +14,7 @@ from socksd.config import Config
 from socksd.policy import EgressPolicy
 from workers.authenticator import Authenticator
 from workers.loop import Loop
+from workers.pipes import PipePool
 from workers.pressure import PortPressure
 from workers.reporter import WorkerCounters
 from workers.resolver import Resolver
@@ -35,6 +36,7 @@ class WorkerContext:
     pressure: PortPressure
     policy: EgressPolicy
     counters: WorkerCounters = field(default_factory=WorkerCounters)
+    pipes: PipePool | None = field(default_factory=PipePool)  # None: no splice
     buffer: memoryview = field(default_factory=lambda: memoryview(bytearray(RELAY_BUFFER)))
     open: set[Closable] = field(default_factory=set)
     _conn_seq: int = 0

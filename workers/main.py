@@ -70,6 +70,8 @@ class Worker:
             self.pressure,
             EgressPolicy(config.egress.mappings),
         )
+        if not config.relay_splice:
+            self.ctx.pipes = None
         self.reporter = Reporter(
             loop,
             stats_fd,
@@ -170,6 +172,8 @@ class Worker:
             self._rsock.close()
             self._wsock.close()
             self.resolver.close()
+            if self.ctx.pipes is not None:
+                self.ctx.pipes.close()
             self.loop.close()
         self.log.info("worker_stopped", signal=self.stop_signal, cut_connections=cut)
         logs.set_buffered(False)

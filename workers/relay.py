@@ -8,29 +8,41 @@ owed to each side (the reply, the client's early payload) and a bound logger.
 Memory: reads go into one buffer shared by the whole worker; a tunnel holds bytes only
 when a send was partial, at most one read (`buffer` size) per direction, and stops
 reading the source until they are flushed. An idle tunnel owns no buffer at all.
+
+Bulk flows go zero-copy: once a read fills the whole shared buffer, that direction
+switches to splice(2) through a pipe borrowed from the worker's pool (socket -> pipe
+-> socket, no byte enters Python). The pipe is given back as soon as it is empty, so
+only tunnels with bytes in flight hold one. Small exchanges (a request, a reply) stay
+on recv_into/send, which costs the same two syscalls without touching the pool.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from typing import Any
 
 from workers.egress import abort
 from workers.loop import EVENT_READ, EVENT_WRITE, Loop, Timer
+from workers.pipes import PIPE_SIZE, Pipe, PipePool
+from workers.pipes import close as close_pipe
 from workers.pressure import TargetCounters
 from workers.reporter import WorkerCounters
 
 _DISCONNECTS = (ConnectionError, TimeoutError)
+_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 
 class _Side:
     """One socket of a tunnel and the bytes owed to it."""
 
-    __slots__ = ("sock", "relay", "peer", "pending", "eof", "wr_closed", "mask", "sent")
+    __slots__ = ("sock", "fd", "relay", "peer", "pending", "eof", "wr_closed", "mask", "sent",
+                 "pipe", "piped", "bulk")
 
     def __init__(self, sock: socket.socket, relay: Relay, pending: bytes) -> None:
         self.sock = sock
+        self.fd = sock.fileno()
         self.relay = relay
         self.peer: _Side = self
         self.pending = pending  # bytes owed to this socket
@@ -38,6 +50,12 @@ class _Side:
         self.wr_closed = False  # we sent FIN to this socket
         self.mask = 0  # events currently registered
         self.sent = 0  # bytes written to this socket
+        self.pipe: Pipe | None = None  # borrowed while bytes owed to this socket sit in it
+        self.piped = 0  # bytes owed to this socket that sit in `pipe`
+        self.bulk = False  # reads FROM this socket go through splice
+
+    def owed(self) -> bool:
+        return bool(self.pending) or self.piped > 0
 
     def on_readable(self) -> None:
         self.relay.pump(self)
@@ -69,6 +87,7 @@ class Relay:
         "_lease",
         "_target_closed_first",
         "_counters",
+        "_pipes",
     )
 
     def __init__(
@@ -88,6 +107,7 @@ class Relay:
         lease: TargetCounters | None = None,
         client_mask: int = 0,
         upstream_mask: int = 0,
+        pipes: PipePool | None = None,
     ) -> None:
         self._loop = loop
         self._view = buffer
@@ -112,6 +132,7 @@ class Relay:
         registry.add(self)
         self._lease = lease
         self._counters = counters
+        self._pipes = pipes  # None: splice off
         counters.open_tunnels += 1
         # Who sent the first FIN on the upstream connection decides who keeps its
         # 4-tuple in TIME_WAIT: if we did, that quad is not reusable for a while.
@@ -129,6 +150,9 @@ class Relay:
 
     def pump(self, src: _Side) -> None:
         """`src` is readable: move one read's worth of bytes to its peer."""
+        if src.bulk:
+            self._splice_in(src)
+            return
         dst = src.peer
         try:
             n = src.sock.recv_into(self._view, self._size)
@@ -139,13 +163,10 @@ class Relay:
             return
         self._last = self._loop.now
         if n == 0:
-            src.eof = True
-            if src is self.upstream and not src.wr_closed:
-                self._target_closed_first = True
-            if not dst.pending:
-                self._shutdown_write(dst)
-            self._after_change(src)
+            self._eof(src)
             return
+        if n == self._size and self._pipes is not None:
+            src.bulk = True  # a full buffer: a bulk flow, kernel to kernel from now on
         try:
             sent = dst.sock.send(self._view[:n])
         except BlockingIOError:
@@ -160,19 +181,72 @@ class Relay:
             self._update(src)
             self._update(dst)
 
-    def flush(self, dst: _Side) -> None:
-        """`dst` is writable: send what is owed to it."""
+    def _eof(self, src: _Side) -> None:
+        src.eof = True
+        if src is self.upstream and not src.wr_closed:
+            self._target_closed_first = True
+        if not src.peer.owed():
+            self._shutdown_write(src.peer)
+        self._after_change(src)
+
+    def _splice_in(self, src: _Side) -> None:
+        """Bulk mode: socket -> pipe -> peer socket, no bytes in Python."""
+        dst = src.peer
+        assert self._pipes is not None
+        pipe = dst.pipe or self._pipes.borrow()
         try:
-            sent = dst.sock.send(dst.pending)
-        except BlockingIOError:
-            sent = 0
-        except _DISCONNECTS as exc:
-            self._abort(dst, exc)
+            n = os.splice(src.fd, pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
+        except (BlockingIOError, *_DISCONNECTS) as exc:
+            if dst.pipe is None:
+                self._pipes.give_back(pipe)  # still empty
+            if not isinstance(exc, BlockingIOError):
+                self._abort(src, exc)
             return
         self._last = self._loop.now
-        dst.sent += sent
-        dst.pending = dst.pending[sent:]
+        if n == 0:
+            if dst.pipe is None:
+                self._pipes.give_back(pipe)
+            self._eof(src)
+            return
+        dst.pipe = pipe
+        dst.piped += n
+        if self._splice_out(dst) and dst.piped:
+            self._update(src)  # back-pressure: the pipe holds what dst cannot take yet
+            self._update(dst)
+
+    def _splice_out(self, dst: _Side) -> bool:
+        """Move piped bytes to `dst`; False when the tunnel was aborted."""
+        assert dst.pipe is not None and self._pipes is not None
+        try:
+            m = os.splice(dst.pipe[0], dst.fd, dst.piped, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            m = 0
+        except _DISCONNECTS as exc:
+            self._abort(dst, exc)
+            return False
+        dst.piped -= m
+        dst.sent += m
+        if not dst.piped:
+            self._pipes.give_back(dst.pipe)
+            dst.pipe = None
+        return True
+
+    def flush(self, dst: _Side) -> None:
+        """`dst` is writable: send what is owed to it."""
         if dst.pending:
+            try:
+                sent = dst.sock.send(dst.pending)
+            except BlockingIOError:
+                sent = 0
+            except _DISCONNECTS as exc:
+                self._abort(dst, exc)
+                return
+            dst.sent += sent
+            dst.pending = dst.pending[sent:]
+        if not dst.pending and dst.piped and not self._splice_out(dst):
+            return
+        self._last = self._loop.now
+        if dst.owed():
             self._update(dst)
             return
         if dst.peer.eof:
@@ -201,9 +275,9 @@ class Relay:
     def _update(self, side: _Side) -> None:
         """Register exactly the events this side needs now."""
         want = 0
-        if not side.eof and not side.peer.pending and not side.peer.wr_closed:
+        if not side.eof and not side.peer.owed() and not side.peer.wr_closed:
             want |= EVENT_READ
-        if side.pending:
+        if side.owed():
             want |= EVENT_WRITE
         side.mask = self._loop.set_interest(side.sock, side.mask, want, side)
 
@@ -247,6 +321,10 @@ class Relay:
                 abort(side.sock)
             else:
                 side.sock.close()
+            if side.pipe is not None:
+                # Bytes still in the pipe belong to this tunnel: never lend them out.
+                close_pipe(side.pipe)
+                side.pipe = None
         bytes_down = max(0, self.client.sent - self._reply_len)
         counters = self._counters
         counters.open_tunnels -= 1

@@ -309,6 +309,7 @@ class Session:
             lease=lease,
             client_mask=client_mask,
             upstream_mask=EVENT_WRITE,
+            pipes=self._ctx.pipes,
         )
 
     # -- endings ------------------------------------------------------------------------

@@ -283,3 +283,63 @@ def test_idle_tunnel_is_closed(spawn, echo_target):
     sock.close()
     closed = proc.wait_for("tunnel_closed", lambda e: e["reason"] == "idle_timeout")
     assert closed["bytes_up"] == 1 and closed["bytes_down"] == 1
+
+
+def _pipe_fds(pid: int) -> int:
+    fd_dir = f"/proc/{pid}/fd"
+    return sum(1 for fd in os.listdir(fd_dir) if os.readlink(f"{fd_dir}/{fd}").startswith("pipe:"))
+
+
+def test_bulk_tunnels_borrow_pipes_only_while_bytes_flow(spawn, echo_target):
+    """splice(2) pipes come from a per-worker pool: 20 idle tunnels that each moved
+    bulk data hold no pipe of their own (idle cost stays two fds per tunnel)."""
+    proc = spawn('listen = ["127.0.0.1:0"]\nworkers = 1\n')
+    worker = proc.wait_for("worker_ready")["pid"]
+    baseline = _pipe_fds(worker)
+    held = []
+    for _ in range(20):
+        sock, (rep, _, _) = open_tunnel(proc.address, "127.0.0.1", echo_target.port)
+        assert rep == 0
+        data = os.urandom(1 << 20)
+        sender = threading.Thread(target=sock.sendall, args=(data,))
+        sender.start()
+        assert hashlib.sha256(recv_exact(sock, len(data))).digest() == hashlib.sha256(data).digest()
+        sender.join()
+        held.append(sock)
+    assert _pipe_fds(worker) - baseline <= 4, "pipes must go back to the pool when empty"
+    for sock in held:
+        sock.close()
+
+
+@pytest.mark.parametrize("splice", ["true", "false"])
+def test_16_mib_each_way_with_and_without_splice(spawn, splice):
+    proc = spawn(f'listen = ["127.0.0.1:0"]\nworkers = 1\n[relay]\nsplice = {splice}\n')
+    size = 16 << 20
+    got: dict[str, str] = {}
+    done = threading.Event()
+
+    def sink_and_source(sock: socket.socket, peer: object) -> None:
+        sender = threading.Thread(
+            target=lambda: (sock.sendall(b"\x5a" * size), sock.shutdown(socket.SHUT_WR))
+        )
+        sender.start()
+        got["up"] = hashlib.sha256(recv_all(sock)).hexdigest()
+        sender.join()
+        done.set()
+
+    target = TargetServer(sink_and_source)
+    try:
+        sock, (rep, _, _) = open_tunnel(proc.address, "127.0.0.1", target.port)
+        assert rep == 0
+        up = os.urandom(size)
+        sender = threading.Thread(target=lambda: (sock.sendall(up), sock.shutdown(socket.SHUT_WR)))
+        sender.start()
+        down = recv_all(sock)
+        sender.join()
+        sock.close()
+        assert down == b"\x5a" * size
+        proc.wait_for("tunnel_closed", lambda e: e["target"].endswith(f":{target.port}"))
+        assert done.wait(TIMEOUT)
+        assert got["up"] == hashlib.sha256(up).hexdigest()
+    finally:
+        target.close()

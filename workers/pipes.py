@@ -1,0 +1,55 @@
+"""A per-worker pool of pipes for zero-copy relaying with splice(2).
+
+Owns: creating, lending and taking back non-blocking pipes.
+Must not: hold a pipe that still has bytes in it (they would leak into the next
+tunnel): callers give a pipe back only when it is empty, and close it otherwise.
+
+A tunnel borrows a pipe only while bytes are moving through it and gives it back as
+soon as the pipe is drained, so idle tunnels hold no pipe and cost two fds, not four.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+PIPE_SIZE = 1 << 20  # bytes a splice can move at once; the kernel caps it at pipe-max-size
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+Pipe = tuple[int, int]  # (read fd, write fd)
+
+
+class PipePool:
+    """Lends empty non-blocking pipes; keeps at most `keep` idle ones."""
+
+    def __init__(self, keep: int = 64) -> None:
+        self._idle: list[Pipe] = []
+        self._keep = keep
+        self.created = 0
+
+    def borrow(self) -> Pipe:
+        if self._idle:
+            return self._idle.pop()
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass  # over the user's pipe-size budget: the default 64 KiB still works
+        self.created += 1
+        return r, w
+
+    def give_back(self, pipe: Pipe) -> None:
+        """Return an EMPTY pipe."""
+        if len(self._idle) < self._keep:
+            self._idle.append(pipe)
+        else:
+            close(pipe)
+
+    def close(self) -> None:
+        for pipe in self._idle:
+            close(pipe)
+        self._idle.clear()
+
+
+def close(pipe: Pipe) -> None:
+    os.close(pipe[0])
+    os.close(pipe[1])
