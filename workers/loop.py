@@ -43,22 +43,33 @@ class Handler(Protocol):
 class Timer:
     """A cancellable timer handle returned by `Loop.call_later`."""
 
-    __slots__ = ("when", "callback", "args", "cancelled", "_seq")
+    __slots__ = ("when", "callback", "args", "cancelled", "_seq", "_loop")
 
     def __init__(
-        self, when: float, seq: int, callback: Callable[..., object], args: tuple[Any, ...]
+        self,
+        when: float,
+        seq: int,
+        callback: Callable[..., object],
+        args: tuple[Any, ...],
+        loop: Loop | None = None,
     ) -> None:
         self.when = when
         self._seq = seq
         self.callback = callback
         self.args = args
         self.cancelled = False
+        self._loop = loop
 
     def cancel(self) -> None:
+        if self.cancelled:
+            return
         self.cancelled = True
         # Drop references so a cancelled timer does not keep a session alive.
         self.callback = _noop
         self.args = ()
+        if self._loop is not None:
+            self._loop._cancelled += 1
+            self._loop = None
 
     def __lt__(self, other: Timer) -> bool:
         return (self.when, self._seq) < (other.when, other._seq)
@@ -102,6 +113,7 @@ class Loop:
         # belong to a socket that was closed and whose number was reused.
         self._fresh: set[int] = set()
         self._timers: list[Timer] = []
+        self._cancelled = 0  # cancelled timers still in the heap
         self._seq = 0
         self._posted: deque[tuple[Callable[..., object], tuple[Any, ...]]] = deque()
         self._wakeup = _Wakeup(self)
@@ -158,14 +170,23 @@ class Loop:
     def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> Timer:
         """Run `callback(*args)` after `delay` seconds (monotonic clock)."""
         self._seq += 1
-        timer = Timer(time.monotonic() + delay, self._seq, callback, args)
+        timer = Timer(time.monotonic() + delay, self._seq, callback, args, self)
         heapq.heappush(self._timers, timer)
+        if self._cancelled > 1024 and self._cancelled * 2 > len(self._timers):
+            # Most tunnels cancel their handshake/connect/idle timers long before they
+            # are due (idle: 300 s); without this the heap would grow with the rate.
+            self._timers = [t for t in self._timers if not t.cancelled]
+            heapq.heapify(self._timers)
+            self._cancelled = 0
         return timer
 
     def call_soon_threadsafe(self, callback: Callable[..., object], *args: Any) -> None:
         """Post `callback(*args)` from any thread; it runs in the loop's next tick."""
         self._posted.append((callback, args))
-        os.eventfd_write(self._wakeup.fd, 1)
+        try:
+            os.eventfd_write(self._wakeup.fd, 1)
+        except OSError:
+            pass  # the loop is closed (worker stopping): nobody is left to run it
 
     # -- running --------------------------------------------------------------------
 
@@ -210,6 +231,7 @@ class Loop:
         timers = self._timers
         while timers and timers[0].cancelled:
             heapq.heappop(timers)
+            self._cancelled -= 1
         if not timers:
             return None
         return max(0.0, timers[0].when - time.monotonic())
@@ -220,9 +242,11 @@ class Loop:
         while timers and timers[0].when <= now:
             timer = heapq.heappop(timers)
             if timer.cancelled:
+                self._cancelled -= 1
                 continue
             callback, args = timer.callback, timer.args
-            timer.cancel()
+            timer.cancelled = True  # ran: not counted as a cancelled heap entry
+            timer.callback, timer.args, timer._loop = _noop, (), None
             try:
                 callback(*args)
             except Exception as exc:  # noqa: BLE001 - dispatch boundary
@@ -244,8 +268,9 @@ class Loop:
             return
         on_crash(exc)
 
-    def pending_timers(self) -> int:
-        return sum(1 for t in self._timers if not t.cancelled)
+    def heap_size(self) -> int:
+        """Timers in the heap, cancelled ones included (bounded by compaction)."""
+        return len(self._timers)
 
     def close(self) -> None:
         self._epoll.close()
