@@ -9,11 +9,11 @@ Must not: compute figures; it is handed a function that returns the aggregate.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import selectors
 import socket
 import stat
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,19 +26,25 @@ MAX_REQUEST = 8192
 Responder = Callable[[bytes], bytes | None]  # request so far -> response, or None: need more
 
 
+CONN_TIMEOUT = 5.0  # a request/response must be done within this, or it is dropped
+MAX_CONNS = 32  # concurrent connections per endpoint; more wait in the backlog
+_PAUSE = 1.0  # out of fds: stop accepting this long
+
+
 class _Conn:
     """One accepted connection: read a request, write the response, close."""
 
-    __slots__ = ("sock", "_sel", "_respond", "_inbuf", "_out")
+    __slots__ = ("sock", "_endpoint", "_respond", "_inbuf", "_out", "deadline")
 
-    def __init__(self, sock: socket.socket, sel: selectors.BaseSelector, respond: Responder):
+    def __init__(self, sock: socket.socket, endpoint: Endpoint, respond: Responder):
         self.sock = sock
-        self._sel = sel
+        self._endpoint = endpoint
         self._respond = respond
         self._inbuf = b""
         self._out = b""
+        self.deadline = time.monotonic() + CONN_TIMEOUT
         sock.setblocking(False)
-        sel.register(sock, selectors.EVENT_READ, self)
+        endpoint.sel.register(sock, selectors.EVENT_READ, self)
 
     def on_readable(self) -> None:
         try:
@@ -51,51 +57,88 @@ class _Conn:
         response = self._respond(self._inbuf) if data else None
         if response is None and data and len(self._inbuf) < MAX_REQUEST:
             return
-        self._out = response or b""
-        self._sel.modify(self.sock, selectors.EVENT_WRITE, self)
+        if not response:
+            self.close()
+            return
+        self._out = response
+        self._endpoint.sel.modify(self.sock, selectors.EVENT_WRITE, self)
         self.on_writable()
 
     def on_writable(self) -> None:
         try:
-            sent = self.sock.send(self._out) if self._out else 0
+            sent = self.sock.send(self._out)
         except BlockingIOError:
             return
         except OSError:
-            self._out = b""
-            sent = 0
+            sent = len(self._out)  # the client is gone: nothing left to do
         self._out = self._out[sent:]
         if not self._out:
-            self._sel.unregister(self.sock)
-            self.sock.close()
+            self.close()
+
+    def close(self) -> None:
+        self._endpoint.forget(self)
+        self._endpoint.sel.unregister(self.sock)
+        self.sock.close()
 
 
 class Endpoint:
-    """A listening socket whose connections each get one response."""
+    """A listening socket whose connections each get one response, bounded in number
+    and time, so a slow or hostile local client cannot wedge the supervisor."""
 
     def __init__(self, sock: socket.socket, sel: selectors.BaseSelector, respond: Responder):
         self.sock = sock
-        self._sel = sel
+        self.sel = sel
         self._respond = respond
+        self._conns: set[_Conn] = set()
+        self._paused_until = 0.0
         sock.setblocking(False)
         sel.register(sock, selectors.EVENT_READ, self)
 
     def on_readable(self) -> None:
-        for _ in range(16):
+        while len(self._conns) < MAX_CONNS:
             try:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, ConnectionAbortedError):
                 return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    return  # the next tick tries again; never worth crashing over
-                raise
-            _Conn(conn, self._sel, self._respond)
+            except OSError:
+                # Out of fds (or a transient accept error): stop watching the listener
+                # for a moment instead of spinning on it.
+                self._pause()
+                return
+            self._conns.add(_Conn(conn, self, self._respond))
+        self._pause()  # at the cap: the backlog waits until expire() resumes us
 
     def on_writable(self) -> None:  # pragma: no cover - registered for read only
         raise AssertionError("endpoint registered for write")
 
+    def _pause(self) -> None:
+        if not self._paused_until:
+            self.sel.unregister(self.sock)
+        self._paused_until = time.monotonic() + _PAUSE
+
+    def forget(self, conn: _Conn) -> None:
+        self._conns.discard(conn)
+
+    def expire(self) -> None:
+        """Drop connections past their deadline; resume accepting after a pause."""
+        now = time.monotonic()
+        for conn in [c for c in self._conns if c.deadline < now]:
+            conn.close()
+        if self._paused_until and now >= self._paused_until and len(self._conns) < MAX_CONNS:
+            self._paused_until = 0.0
+            self.sel.register(self.sock, selectors.EVENT_READ, self)
+
+    def close_all(self) -> None:
+        """Close every fd of this endpoint without touching the selector (in a child)."""
+        for conn in self._conns:
+            conn.sock.close()
+        self.sock.close()
+
     def close(self) -> None:
-        self._sel.unregister(self.sock)
+        for conn in list(self._conns):
+            conn.close()
+        if not self._paused_until:
+            self.sel.unregister(self.sock)
         self.sock.close()
 
 

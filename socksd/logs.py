@@ -33,6 +33,7 @@ def _dumps(event: Any, **_: Any) -> bytes:
     return orjson.dumps(event, option=orjson.OPT_NON_STR_KEYS, default=str)
 
 
+_PIPE_BUF = 4096
 _PROCESS: dict[str, Any] = {}  # role, worker, gen, pid: bound once per process
 _LEVEL_NAMES = {"warn": "warning", "exception": "error", "critical": "critical"}
 
@@ -55,6 +56,7 @@ class LineWriter:
         self._fd = fd
         self._buf = bytearray()
         self.buffered = False
+        self.dropped = 0  # lines lost to write errors (EPIPE, EAGAIN on a shared fd)
 
     def msg(self, message: bytes) -> None:
         self._buf += message
@@ -65,9 +67,20 @@ class LineWriter:
     debug = info = warning = warn = error = exception = critical = log = msg
 
     def flush(self) -> None:
+        """Write whole lines, at most PIPE_BUF bytes a write: several workers share the
+        same stdout pipe, and only writes up to PIPE_BUF are never interleaved."""
         buf = self._buf
         while buf:
-            n = os.write(self._fd, buf)
+            cut = len(buf) if len(buf) <= _PIPE_BUF else buf.rfind(b"\n", 0, _PIPE_BUF) + 1
+            if cut <= 0:
+                cut = buf.find(b"\n") + 1 or len(buf)  # one line longer than PIPE_BUF
+            try:
+                n = os.write(self._fd, buf[:cut])
+            except OSError:
+                # Logging must never take a worker down: count what is lost and go on.
+                self.dropped += buf.count(b"\n")
+                buf.clear()
+                return
             del buf[:n]
 
 

@@ -12,6 +12,7 @@ worker log its `egress_stats`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import signal
@@ -41,7 +42,7 @@ from socksd.listeners import close_all, grow_slots, open_slot_listeners
 from socksd.stats import WorkerView, add_counters, aggregate_egress
 from socksd.timewait import TimeWaitSample, sample_time_wait
 
-WorkerEntry = Callable[[Config, list[socket.socket], int, int, int], int]
+WorkerEntry = Callable[[Config, list[socket.socket], int, int, int, int], int]
 Loader = Callable[[], Config]
 _SIGNALS = (
     signal.SIGTERM,
@@ -110,14 +111,16 @@ class Supervisor:
         self.notifier = notify.Notifier()
         self.gen = 1
         self.started = time.monotonic()
+        self._pid = os.getpid()
         self.procs: dict[int, Proc] = {}
         self.retired: dict[str, Any] = {}  # counters of workers that are gone
         self.slots = [Slot(i) for i in range(config.worker_count)]
         self.listeners = open_slot_listeners(config.listen, config.worker_count)
         self.wake = _Wakeup(self)
         self.sel.register(self.wake.r, selectors.EVENT_READ, self.wake)
+        self._control_path = config.control.path()
         self.control = Endpoint(
-            open_control_socket(config.control.path()), self.sel, control_responder(self.aggregate)
+            open_control_socket(self._control_path), self.sel, control_responder(self.aggregate)
         )
         self.metrics: Endpoint | None = None
         if config.metrics_listen is not None:
@@ -128,6 +131,7 @@ class Supervisor:
             )
         self.time_wait = TimeWaitSample(total=0, by_pair=(), truncated=False)
         self.stopping: float | None = None  # drain deadline once stopping
+        self.retiring: list[Proc] = []  # the previous generation, until the new one is up
         self.fatal: str | None = None
         self.ready_sent = False
         self._next = {"stats_log": 0.0, "timewait": 0.0, "status": 0.0}
@@ -151,6 +155,10 @@ class Supervisor:
         timeout = self.config.shutdown_timeout if graceful else 0.0
         self.stopping = time.monotonic() + timeout + _KILL_GRACE
         self.notifier.stopping()
+        # New clients must be refused now, not queued and reset when we exit: once the
+        # workers close their copies, the kernel refuses connections to these ports.
+        close_all(self.listeners)
+        self.listeners = {}
         self.log.info("supervisor_stopping", graceful=graceful, workers=len(self.procs))
         for proc in self.procs.values():
             self._signal(proc, signal.SIGTERM if graceful else signal.SIGQUIT)
@@ -167,7 +175,7 @@ class Supervisor:
             listeners = self._listeners_for(new)
         except SocksdError as exc:
             # A bad config is an operator error: its message, not a traceback.
-            self.log.error("reload_failed", error=str(exc), keeping=self.config.source)  # noqa: TRY400
+            self.log.error("reload_failed", error=str(exc), keeping=self.config.source)
             self.notifier.ready()
             return
         for address, socks in self.listeners.items():
@@ -181,10 +189,8 @@ class Supervisor:
         self.config, self.gen = new, self.gen + 1
         self.slots = [Slot(i) for i in range(new.worker_count)]
         self.ready_sent = False
-        deadline = time.monotonic() + new.shutdown_timeout + _KILL_GRACE
-        for proc in old:
-            self._signal(proc, signal.SIGTERM)
-            proc.kill_after = deadline
+        # The old generation keeps serving until every new worker is ready (tick()).
+        self.retiring += old
         self.log.info(
             "reloaded",
             generation=self.gen,
@@ -221,13 +227,14 @@ class Supervisor:
                 os.close(r)
                 self._become_worker(slot.index)
                 socks = [socks[slot.index] for socks in self.listeners.values()]
-                code = self._entry(self.config, socks, slot.index, self.gen, w)
+                code = self._entry(self.config, socks, slot.index, self.gen, w, self._pid)
             except BaseException:  # noqa: BLE001 - the child must never return to us
                 traceback.print_exc()
                 code = EXIT_BOOT
             finally:
-                logs.flush()
-                sys.stdout.flush()
+                with contextlib.suppress(BaseException):
+                    logs.flush()
+                    sys.stdout.flush()
                 os._exit(code)
         os.close(w)
         os.set_blocking(r, False)
@@ -245,15 +252,20 @@ class Supervisor:
         signal.set_wakeup_fd(-1)
         for signum in _SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
+        # Until the worker has its own handlers, a forwarded USR1 or a HUP sent to the
+        # whole process group must not kill it.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         for socks in self.listeners.values():
             for i, sock in enumerate(socks):
                 if i != index:
                     sock.close()
         for proc in self.procs.values():
-            os.close(proc.pipe)
-        self.control.sock.close()
+            if proc.pipe >= 0:  # -1: EOF already read, the process not yet reaped
+                os.close(proc.pipe)
+        self.control.close_all()
         if self.metrics is not None:
-            self.metrics.sock.close()
+            self.metrics.close_all()
         self.wake.r.close()
         self.wake.w.close()
         self.sel.close()
@@ -310,7 +322,8 @@ class Supervisor:
             slot.proc = None
             if code == EXIT_BOOT and not view.hello:
                 self.fatal = f"worker {view.slot} failed to boot (exit status {code})"
-                self.stop(graceful=False)
+                # During a reload the old generation still serves: let it drain.
+                self.stop(graceful=bool(self.retiring))
                 return
             quick = time.monotonic() - view.started < 10.0
             slot.failures = slot.failures + 1 if quick else 0
@@ -354,6 +367,12 @@ class Supervisor:
         current = [s.proc for s in self.slots]
         if not self.ready_sent and all(p is not None and p.view.hello for p in current):
             self.ready_sent = True
+            deadline = now + self.config.shutdown_timeout + _KILL_GRACE
+            for proc in self.retiring:
+                if proc.view.pid in self.procs:
+                    self._signal(proc, signal.SIGTERM)  # drain, tunnels are not cut
+                    proc.kill_after = deadline
+            self.retiring = []
             self.notifier.ready(self._status())
             self.log.info(
                 "supervisor_ready",
@@ -468,14 +487,21 @@ class Supervisor:
             self.log.warning(event, **fields)
         try:
             while self.stopping is None or self.procs:
-                for key, _ in self.sel.select(0.25):
-                    key.data.on_readable()
+                for key, mask in self.sel.select(0.25):
+                    self._dispatch(key.data, mask)
                 self.reap()
-                self.tick(time.monotonic())
+                try:
+                    self.tick(time.monotonic())
+                except OSError as exc:  # e.g. EMFILE on a respawn's pipe: retried next tick
+                    self.log.error("supervisor_tick_failed", error=str(exc))
+                self.control.expire()
+                if self.metrics is not None:
+                    self.metrics.expire()
         finally:
             close_all(self.listeners)
             self.control.close()
-            os.unlink(self.config.control.path())
+            with contextlib.suppress(OSError):
+                os.unlink(self._control_path)
             if self.metrics is not None:
                 self.metrics.close()
         if self.fatal is not None:
@@ -484,6 +510,18 @@ class Supervisor:
             return EXIT_BOOT
         self.log.info("supervisor_stopped")
         return EXIT_OK
+
+    def _dispatch(self, handler: Any, mask: int) -> None:
+        """One ready handler; an OSError in it is logged, never fatal to the supervisor."""
+        try:
+            if mask & selectors.EVENT_READ:
+                handler.on_readable()
+            if mask & selectors.EVENT_WRITE:
+                handler.on_writable()
+        except OSError as exc:
+            self.log.error(
+                "supervisor_handler_failed", handler=type(handler).__name__, error=str(exc)
+            )
 
     def _bound_addresses(self) -> list[ListenAddress]:
         return [ListenAddress(a.host, s[0].getsockname()[1]) for a, s in self.listeners.items()]

@@ -74,6 +74,12 @@ class _Pending:
         self._known = known
         self._verdict = verdict
 
+    def on_crash(self, exc: BaseException) -> None:
+        owner_crash = getattr(getattr(self._verdict, "__self__", None), "on_crash", None)
+        if owner_crash is None:
+            raise exc
+        owner_crash(exc)
+
     def done(self, ok: bool | None, error: BaseException | None) -> None:
         ok = bool(ok) and self._known and error is None
         if ok:

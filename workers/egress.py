@@ -74,6 +74,7 @@ class ConnectOwner(Protocol):
     def on_egress_connected(self, sock: socket.socket, lease: TargetCounters) -> None:
         """`sock` is connected and still registered for EVENT_WRITE with the connector:
         the new owner takes the registration over (Loop.modify), saving two syscalls."""
+
     def on_egress_failed(self, failure: EgressFailed) -> None: ...
     def on_crash(self, exc: BaseException) -> None: ...
 
@@ -210,7 +211,16 @@ class Connector:
         ipc.succeeded += 1
         if self._attempts > 1:
             ipc.rescued += 1
-        self._owner.on_egress_connected(sock, self._tc)
+        try:
+            self._owner.on_egress_connected(sock, self._tc)
+        except BaseException:
+            # The owner never took the socket over: it is still ours to unwind, or it
+            # would stay registered (always writable) and hold its port forever.
+            if sock.fileno() >= 0 and self._loop.handler_of(sock) is self:
+                self._loop.unregister(sock)
+                self._tc.release(self._loop.now, time_wait=False)
+                abort(sock)
+            raise
 
     def on_readable(self) -> None:  # pragma: no cover - registered for write only
         raise AssertionError("connector registered for read")

@@ -149,6 +149,9 @@ class Loop:
         del self._handlers[fd]
         del self._masks[fd]
 
+    def handler_of(self, fileobj: Any) -> Handler | None:
+        return self._handlers.get(fileobj.fileno())
+
     def set_interest(self, fileobj: Any, current: int, want: int, handler: Handler) -> int:
         """Move a file object from `current` to `want` events (0 = not registered).
 

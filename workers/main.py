@@ -44,6 +44,7 @@ class Worker:
         slot: int,
         generation: int,
         stats_fd: int | None,
+        supervisor_pid: int | None = None,
     ) -> None:
         self.config = config
         self.log = logs.get_logger()
@@ -190,8 +191,9 @@ def run_worker(
     slot: int = 0,
     generation: int = 1,
     stats_fd: int | None = None,
+    supervisor_pid: int | None = None,
 ) -> int:
     """Serve SOCKS clients on `listeners` until told to stop; return the exit code."""
     setproctitle.setproctitle(f"socksd: worker {slot}")
     logs.bind_process(role="worker", worker=slot, gen=generation, pid=os.getpid())
-    return Worker(config, listeners, slot, generation, stats_fd).run()
+    return Worker(config, listeners, slot, generation, stats_fd, supervisor_pid).run()

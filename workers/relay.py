@@ -30,15 +30,29 @@ from workers.pipes import close as close_pipe
 from workers.pressure import TargetCounters
 from workers.reporter import WorkerCounters
 
-_DISCONNECTS = (ConnectionError, TimeoutError)
+# Any socket error but EAGAIN ends the tunnel (ECONNRESET, EPIPE, ETIMEDOUT, and the
+# EHOSTUNREACH a dead peer's retransmissions end with): an abort, not a crash.
+_DISCONNECTS = (OSError,)
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 
 class _Side:
     """One socket of a tunnel and the bytes owed to it."""
 
-    __slots__ = ("sock", "fd", "relay", "peer", "pending", "eof", "wr_closed", "mask", "sent",
-                 "pipe", "piped", "bulk")
+    __slots__ = (
+        "sock",
+        "fd",
+        "relay",
+        "peer",
+        "pending",
+        "eof",
+        "wr_closed",
+        "mask",
+        "sent",
+        "pipe",
+        "piped",
+        "bulk",
+    )
 
     def __init__(self, sock: socket.socket, relay: Relay, pending: bytes) -> None:
         self.sock = sock
@@ -194,9 +208,13 @@ class Relay:
         dst = src.peer
         assert self._pipes is not None
         pipe = dst.pipe or self._pipes.borrow()
+        if pipe is None:
+            src.bulk = False  # no pipe to be had: copy through user space instead
+            self.pump(src)
+            return
         try:
             n = os.splice(src.fd, pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
-        except (BlockingIOError, *_DISCONNECTS) as exc:
+        except OSError as exc:
             if dst.pipe is None:
                 self._pipes.give_back(pipe)  # still empty
             if not isinstance(exc, BlockingIOError):
@@ -221,7 +239,7 @@ class Relay:
             m = os.splice(dst.pipe[0], dst.fd, dst.piped, flags=_SPLICE_FLAGS)
         except BlockingIOError:
             m = 0
-        except _DISCONNECTS as exc:
+        except OSError as exc:
             self._abort(dst, exc)
             return False
         dst.piped -= m

@@ -71,6 +71,7 @@ class Reporter:
         generation: int,
         interval: float,
         on_orphaned: Any,
+        supervisor_pid: int | None = None,
     ) -> None:
         self._loop = loop
         self._fd = fd
@@ -81,7 +82,9 @@ class Reporter:
         self._gen = generation
         self._interval = interval
         self._seq = 0
-        self._parent = os.getppid()
+        # The supervisor's pid is passed in: reading getppid() here would miss a
+        # supervisor that died between the fork and this line.
+        self._parent = supervisor_pid or os.getppid()
         self._on_orphaned = on_orphaned
         self._timer: Timer | None = None
         if fd is not None:
@@ -95,6 +98,8 @@ class Reporter:
         if os.getppid() != self._parent:
             self._on_orphaned()  # the supervisor died: nobody will ever stop us
             return
+        if self._fd is None and self._parent:
+            return  # orphaned already: draining
         self.flush()
         self._timer = self._loop.call_later(self._interval, self._tick)
 
@@ -171,4 +176,5 @@ class Reporter:
         except BlockingIOError:
             self._counters.dropped_lines += 1
         except BrokenPipeError:
-            self._fd = None  # supervisor gone; the ppid check ends us
+            self._fd = None
+            self._on_orphaned()  # nobody reads our stats: the supervisor is gone

@@ -66,7 +66,15 @@ def _deliver(future: Future[Any], callback: Callable[..., None]) -> None:
     if future.cancelled():
         return  # the worker is shutting down
     error = future.exception()
-    if error is not None:
-        callback(None, error)
-    else:
-        callback(future.result(), None)
+    try:
+        if error is not None:
+            callback(None, error)
+        else:
+            callback(future.result(), None)
+    except Exception as exc:
+        # Route the failure to the callback's owner (a session closes itself), not to
+        # the loop's anonymous "callback crashed" line.
+        on_crash = getattr(getattr(callback, "__self__", None), "on_crash", None)
+        if on_crash is None:
+            raise
+        on_crash(exc)

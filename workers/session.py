@@ -150,7 +150,8 @@ class Session:
         self._process()
 
     def on_writable(self) -> None:
-        self._flush()
+        if not self._flush():
+            self._client_gone()
 
     def on_crash(self, exc: BaseException) -> None:
         self.log.error("session_crashed", phase=self.phase.name.lower(), exc_info=exc)
@@ -179,7 +180,9 @@ class Session:
     def _on_greeting(self, event: Greeting) -> None:
         acceptable = (Method.USERNAME_PASSWORD,) if self._ctx.authenticator else (Method.NO_AUTH,)
         method = choose_method(event.methods, acceptable)
-        self._write(self._codec.send(MethodSelection(method)))
+        if not self._write(self._codec.send(MethodSelection(method))):
+            self._client_gone()
+            return
         if method == Method.NO_ACCEPTABLE:
             # RFC 1928 section 3: reply X'FF' and close.
             self._handshake_failed("no_acceptable_method", offered=list(event.methods))
@@ -194,7 +197,9 @@ class Session:
     def _on_auth_verdict(self, ok: bool) -> None:
         if self.phase is not Phase.AUTHENTICATING:
             return  # timed out or closed while scrypt ran
-        self._write(self._codec.send(AuthStatus(ok)))
+        if not self._write(self._codec.send(AuthStatus(ok))):
+            self._client_gone()
+            return
         if not ok:
             # RFC 1929: a non-zero status MUST be followed by closing the connection.
             self._handshake_failed("auth_failed", user=self._user)
@@ -327,7 +332,7 @@ class Session:
         if self._connector is not None:
             self._connector.cancel()
             self._connector = None
-        self._write(self._codec.send(CommandReply(reply)))
+        delivered = self._write(self._codec.send(CommandReply(reply)))
         self._ctx.counters.replied(reply)
         self.log.info(
             "tunnel_closed",
@@ -338,12 +343,14 @@ class Session:
             duration_ms=self._elapsed_ms(),
             **{k: v for k, v in fields.items() if v is not None},
         )
-        self._drain()
+        if delivered:
+            self._drain()
+        else:
+            self._finish()
 
     def _protocol_error(self, exc: ProtocolError) -> None:
-        if exc.reply:
-            self._write(exc.reply)
-        self._handshake_failed(exc.reason, drain=bool(exc.reply))
+        delivered = bool(exc.reply) and self._write(exc.reply)
+        self._handshake_failed(exc.reason, drain=delivered)
 
     def _handshake_failed(self, reason: str, drain: bool = True, **fields: Any) -> None:
         self._ctx.counters.handshake_failed(reason)
@@ -357,6 +364,13 @@ class Session:
         """The client went away during the handshake."""
         self._handshake_failed(reason, drain=False)
 
+    def _client_gone(self) -> None:
+        """A write to the client failed (reset, closed)."""
+        if self.phase is Phase.DRAINING:
+            self._finish()  # its line was logged when the failure reply was decided
+        else:
+            self._end_quietly("client_gone")
+
     def _drain(self) -> None:
         """Let the client read our last reply before we close (no RST over it)."""
         if self.phase is Phase.CLOSED:
@@ -368,11 +382,14 @@ class Session:
             self._shutdown_write()
         self._update()
 
-    def _shutdown_write(self) -> None:
+    def _shutdown_write(self) -> bool:
+        """FIN to the client; False (and the session finished) if it is gone."""
         try:
             self.client.shutdown(socket.SHUT_WR)
         except OSError:
             self._finish()
+            return False
+        return True
 
     def close(self, reason: str, abortive: bool = False) -> None:
         """Close now (worker shutdown)."""
@@ -404,34 +421,33 @@ class Session:
     def _elapsed_ms(self) -> float:
         return round((self._loop.now - self._started) * 1000, 1)
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes) -> bool:
+        """Queue and try to send; False when the client is gone (the caller ends us)."""
         self._out += data
-        self._flush()
+        return self._flush()
 
-    def _flush(self) -> None:
+    def _flush(self) -> bool:
+        """Send what is queued; False on a write error (nothing else is done then)."""
         if self._out:
             try:
                 sent = self.client.send(self._out)
             except BlockingIOError:
                 sent = 0
-            except OSError as exc:
+            except OSError:
                 self._out = b""
-                if self.phase is not Phase.DRAINING:
-                    self._end_quietly(f"client_{type(exc).__name__}")
-                else:
-                    self._finish()
-                return
+                return False
             self._out = self._out[sent:]
-            if not self._out and self.phase is Phase.DRAINING:
-                self._shutdown_write()
+            if not self._out and self.phase is Phase.DRAINING and not self._shutdown_write():
+                return True  # the shutdown failed and finished the session
         self._update()
+        return True
 
     def _update(self) -> None:
         if self.phase in (Phase.CLOSED, Phase.RELAYING):
             return
         want = EVENT_WRITE if self._out else 0
-        if self.phase is Phase.DRAINING or (
-            self.phase in (Phase.HANDSHAKE, Phase.AUTHENTICATING) and not self._eof
-        ):
+        # Not while AUTHENTICATING: scrypt may take ~40 ms and a client must not be able
+        # to overflow the handshake buffer with early payload meanwhile.
+        if self.phase is Phase.DRAINING or (self.phase is Phase.HANDSHAKE and not self._eof):
             want |= EVENT_READ
         self._mask = self._loop.set_interest(self.client, self._mask, want, self)

@@ -343,3 +343,55 @@ def test_16_mib_each_way_with_and_without_splice(spawn, splice):
         assert got["up"] == hashlib.sha256(up).hexdigest()
     finally:
         target.close()
+
+
+def _auth_proxy(spawn):
+    from socksd.passwords import hash_password
+
+    return spawn(
+        'listen = ["127.0.0.1:0"]\nworkers = 1\n[auth]\nmethod = "password"\n'
+        f'[auth.users]\nalice = "{hash_password("secret")}"\n'
+    )
+
+
+def test_early_payload_during_password_check_is_relayed(spawn, echo_target):
+    """A client that sends its request and 1 MiB of payload before any reply (while
+    scrypt runs) gets its tunnel and every byte."""
+    proc = _auth_proxy(spawn)
+    payload = os.urandom(1 << 20)
+    s = socket.create_connection(proc.address, timeout=TIMEOUT)
+    sender = threading.Thread(
+        target=s.sendall,
+        args=(
+            b"\x05\x01\x02"
+            + b"\x01\x05alice\x06secret"
+            + encode_request("127.0.0.1", echo_target.port)
+            + payload,
+        ),
+    )
+    sender.start()
+    assert recv_exact(s, 2) == b"\x05\x02"
+    assert recv_exact(s, 2) == b"\x01\x00"
+    assert read_reply(s)[0] == 0
+    assert recv_exact(s, len(payload)) == payload
+    sender.join()
+    s.close()
+
+
+def test_client_reset_during_password_check_is_not_a_crash(spawn, echo_target):
+    proc = _auth_proxy(spawn)
+    for _ in range(5):
+        s = socket.create_connection(proc.address, timeout=TIMEOUT)
+        s.sendall(b"\x05\x01\x02")
+        assert recv_exact(s, 2) == b"\x05\x02"
+        s.sendall(b"\x01\x05alice\x06secret")
+        s.shutdown(socket.SHUT_WR)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        s.close()  # RST while scrypt runs: the verdict's write fails
+    sock, (rep, _, _) = open_tunnel(
+        proc.address, "127.0.0.1", echo_target.port, auth=(b"alice", b"secret")
+    )
+    assert rep == 0
+    sock.close()
+    proc.wait_count("handshake_failed", 5)
+    assert [e for e in proc.events if e.get("level") == "error"] == []

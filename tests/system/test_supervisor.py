@@ -248,6 +248,9 @@ def test_sigterm_drains_open_tunnels_then_exits_zero(socksd, target):
         data = os.urandom(10_000)
         s.sendall(data)
         assert recv_exact(s, len(data)) == data
+    # While draining, new clients are refused at once, not queued and reset at exit.
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(proc.address, timeout=TIMEOUT).close()
     s.close()
     assert proc.proc.wait(TIMEOUT) == 0
     assert time.monotonic() - started < 8
@@ -314,7 +317,7 @@ from socksd import logs
 from socksd.config import load_config
 from socksd.supervisor import Supervisor
 
-def entry(config, listeners, slot, gen, stats_fd):
+def entry(config, listeners, slot, gen, stats_fd, supervisor_pid):
     raise RuntimeError("worker boot exploded")  # e.g. an import error inside the worker
 
 config = load_config(sys.argv[1])
@@ -366,3 +369,19 @@ def test_reload_opens_added_and_closes_removed_listen_addresses(socksd, target):
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(added_addr, timeout=TIMEOUT).close()
     _roundtrip(proc.address, target.port)
+
+
+def test_idle_control_clients_cannot_wedge_the_supervisor(socksd, target):
+    proc = socksd(_config(workers=1))
+    idle = [socket.socket(socket.AF_UNIX) for _ in range(40)]
+    try:
+        for s in idle:
+            s.connect(str(proc.control_path))  # and never send a command
+        started = time.monotonic()
+        stats = _stats(proc)  # served once the idle ones time out (5 s) at the latest
+        assert stats["supervisor"]["workers_wanted"] == 1
+        assert time.monotonic() - started < 15
+        _roundtrip(proc.address, target.port)
+    finally:
+        for s in idle:
+            s.close()
