@@ -181,14 +181,9 @@ class Relay:
             return
         if n == self._size and self._pipes is not None:
             src.bulk = True  # a full buffer: a bulk flow, kernel to kernel from now on
-        try:
-            sent = dst.sock.send(self._view[:n])
-        except BlockingIOError:
-            sent = 0
-        except _DISCONNECTS as exc:
-            self._abort(dst, exc)
+        sent = self._send(dst, self._view[:n])
+        if sent is None:
             return
-        dst.sent += sent
         if sent < n:
             # Back-pressure: keep the rest, stop reading src until dst drains it.
             dst.pending = bytes(self._view[sent:n])
@@ -249,17 +244,24 @@ class Relay:
             dst.pipe = None
         return True
 
+    def _send(self, dst: _Side, data: bytes | memoryview) -> int | None:
+        """Bytes sent to `dst` (0 when it is full); None when the tunnel was aborted."""
+        try:
+            sent = dst.sock.send(data)
+        except BlockingIOError:
+            return 0
+        except _DISCONNECTS as exc:
+            self._abort(dst, exc)
+            return None
+        dst.sent += sent
+        return sent
+
     def flush(self, dst: _Side) -> None:
         """`dst` is writable: send what is owed to it."""
         if dst.pending:
-            try:
-                sent = dst.sock.send(dst.pending)
-            except BlockingIOError:
-                sent = 0
-            except _DISCONNECTS as exc:
-                self._abort(dst, exc)
+            sent = self._send(dst, dst.pending)
+            if sent is None:
                 return
-            dst.sent += sent
             dst.pending = dst.pending[sent:]
         if not dst.pending and dst.piped and not self._splice_out(dst):
             return
