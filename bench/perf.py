@@ -1,0 +1,841 @@
+"""Performance benchmark: socksd against microsocks, pproxy and no proxy, per core.
+
+    sudo /work/venv/bin/python bench/perf.py [--runs 3] [--quick] [--workers 1,2] [--json out.json]
+
+Root is needed (it creates a network namespace). Run it with the Python that has
+socksd's dependencies (the dev venv); `sudo python` may pick the system one. Baselines
+are the bench's own install step: `apt-get install microsocks` and `pip install pproxy`
+(into that venv); one that is missing is skipped with a note. A full run takes about
+3 minutes on 2 cores; `--quick` (2,000 tunnels, 64 MiB, 1,000 idle tunnels, 1 run,
+6,000 sustained tunnels) about 25 s. Not part of the test suite.
+
+Setup: everything runs in a throw-away network namespace on its loopback, with
+`tcp_tw_reuse = 1`, `tcp_timestamps = 1`, `ip_local_port_range = 1024 65535` and
+`tcp_max_tw_buckets` raised so that no TIME_WAIT is skipped. Clients bind 16 source
+addresses 127.0.1.1-16 (IP_BIND_ADDRESS_NO_PORT), so the client side never runs out of
+ports. The load generator (`bench/loadgen.c`) and the targets (`bench/target.c`: echo
+and bulk sender) are C epoll loops, compiled with `gcc -O2` into a temp dir at start.
+Each proxy listens on 127.0.0.1 and reaches the targets on 127.0.0.1; it is started
+fresh for every run of every column (columns interleaved within a run); the sustained
+run gets a fresh namespace of its own. With >= 2 CPUs the proxy (all its processes and
+threads) is pinned to core 0 and the load generator and targets to the last core; socksd
+with `workers = N` gets cores 0..N-1, or every core when N is not below the CPU count,
+in which case the load shares a core with it (the output says so).
+socksd runs with a generated config: `workers = N`, log level info (one `tunnel_closed`
+line per tunnel stays on), its stdout going to a log file on disk; it runs from a copy of
+socksd/ and workers/ taken at start, so edits made meanwhile do not mix into the figures.
+
+Figures: medians of --runs runs (failures are totals over all runs):
+  tunnels/s      tunnels completed per second: connect, SOCKS5 no-auth greeting, CONNECT
+                 to the echo target (ATYP IPv4), reply, send 64 bytes, read the 64-byte
+                 echo, close; 20,000 tunnels with 64 in flight ("no proxy": connect
+                 straight to the echo target, send 64, read 64, close).
+  TTFB p50/p99   milliseconds from the start of connect() to the first echo byte.
+  MiB/s 1 / 8    the client downloads 1 GiB in total through the proxy, in 1 stream or
+                 in 8 concurrent streams of 128 MiB (sender: sendfile() from a memfd;
+                 client: recv(MSG_TRUNC), so neither end copies the bytes).
+  RSS/idle       KiB of proxy RSS (sum of VmRSS over all its processes) per tunnel held
+                 open and idle after the handshake: (RSS holding N - RSS before) / N.
+                 N = 10,000, or less when a single process cannot hold 2 fds per tunnel
+                 under RLIMIT_NOFILE's hard limit (the output prints N).
+  failures       failed tunnels over every measurement of every run, by kind:
+                 connect:<errno>, reply:<code>, timeout:<stage>, short_read:<stage>, ...
+  CPU            for every figure, the CPU (user + sys) of the load side (load
+                 generator + targets) and of the proxy side (all its processes), as a
+                 percentage of one core over the measurement: ~100 % marks the side that
+                 saturated its core (>= 90 % on the load side is flagged), and of the
+                 rest of the machine (O: other processes, ksoftirqd, VM steal; >= 25 %
+                 is flagged as disturbed, e.g. a test suite running). On loopback the
+                 receive path of a segment runs on the sender's core, so each side also
+                 pays for part of the other's TCP work. /proc counts in 10 ms ticks:
+                 precise over the full run's seconds, rough over --quick's milliseconds.
+                 "No proxy" runs client and targets on the load core alone, so its
+                 figures are bounded by one core while a proxied run uses two.
+  sustained      60,000 tunnels back to back through socksd to one target from one
+                 ingress IP (so from one egress IP): failures must be 0.
+Ratios are socksd (the first --workers value) / baseline: above 1 is better for
+tunnels/s and MiB/s; below 1 is better for TTFB and RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import resource
+import selectors
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.netns import NetNS  # noqa: E402 - the bench reuses the tests' namespace helper
+
+HOST = "127.0.0.1"
+ECHO_PORT, BULK_PORT = 601, 602  # below the ephemeral range, so never an autobind port
+PROXY_PORT = 700
+CLIENT_SRC, CLIENT_SRC_COUNT = "127.0.1.1", 16
+FD_MARGIN = 1000  # fds a proxy process may need besides 2 per held tunnel
+TARGET_LIFETIME_S = 3600  # the target exits by itself after this, whatever happens
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+LOAD_BOUND_PCT = 90  # load-side CPU at which a figure is flagged as possibly load-bound
+DISTURBED_PCT = 25  # CPU of the rest of the machine at which a figure is flagged
+SYSCTLS = {
+    "net.ipv4.tcp_tw_reuse": "1",
+    "net.ipv4.tcp_timestamps": "1",
+    "net.ipv4.ip_local_port_range": "1024 65535",
+    # Above the 131072 default: past it the kernel silently skips TIME_WAIT, which would
+    # hide exactly the port pressure the sustained run is there to show.
+    "net.ipv4.tcp_max_tw_buckets": "262144",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    runs: int
+    tunnels: int
+    concurrency: int
+    bulk_bytes: int
+    idle: int
+    warmup: int
+    sustained: int
+    workers: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """One proxy set-up measured side by side with the others."""
+
+    key: str  # "socksd-w1", "microsocks", "pproxy", "none"
+    label: str
+    argv: tuple[str, ...]  # empty for "no proxy"
+    cpus: str | None  # taskset list for the proxy, None = not pinned
+
+
+@dataclass(frozen=True, slots=True)
+class Cpu:
+    """CPU seconds (user + sys) used while one figure was measured."""
+
+    load_s: float  # load generator + targets
+    proxy_s: float  # every process of the proxy
+    other_s: float  # the rest of the machine: other processes, ksoftirqd, steal
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One figure of one run, with the CPU each side used while it was measured."""
+
+    value: float
+    wall_s: float
+    cpu: Cpu
+    failures: dict[str, int] = field(default_factory=dict)
+
+    def pct(self, cpu_s: float) -> float:
+        """`cpu_s` as a percentage of one core over this measurement."""
+        return 100.0 * cpu_s / self.wall_s if self.wall_s > 0 else 0.0
+
+
+# -- /proc ------------------------------------------------------------------------------
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """Fields of /proc/PID/stat after the command name (which may hold spaces)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()
+
+
+def tree_pids(root: int) -> list[int]:
+    """`root` and all its descendants (the proxy's supervisor and workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(_stat_fields(int(entry))[1])
+            except (OSError, IndexError, ValueError):
+                continue  # exited meanwhile
+            children.setdefault(ppid, []).append(int(entry))
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        todo.extend(children.get(pid, []))
+    return pids
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """user + sys CPU seconds of `pids` (each including all its threads)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = _stat_fields(pid)
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (stat fields 14, 15)
+    return total / CLK_TCK
+
+
+def machine_busy_s() -> float:
+    """Busy CPU seconds of the whole machine so far, steal included (/proc/stat)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+            int, f.readline().split()[1:9]
+        )
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+class CpuMeter:
+    """CPU used from now on by the proxy, the targets and the rest of the machine."""
+
+    def __init__(self, proxy_pids: list[int], target_pid: int) -> None:
+        self.pids, self.target = proxy_pids, target_pid
+        self.proxy0, self.target0 = cpu_seconds(proxy_pids), cpu_seconds([target_pid])
+        self.machine0 = machine_busy_s()
+
+    def read(self, loadgen_s: float) -> Cpu:
+        """The split so far, given what the load generator used (it counts itself)."""
+        load = loadgen_s + cpu_seconds([self.target]) - self.target0
+        proxy = cpu_seconds(self.pids) - self.proxy0
+        return Cpu(load, proxy, machine_busy_s() - self.machine0 - load - proxy)
+
+
+def rss_bytes(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
+# -- set-up -----------------------------------------------------------------------------
+
+
+def build_tools(tmp: Path) -> Path:
+    """Compile loadgen.c and target.c into `tmp`; never committed as binaries."""
+    for name in ("loadgen", "target"):
+        src = REPO / "bench" / f"{name}.c"
+        out = subprocess.run(
+            ["gcc", "-O2", "-Wall", "-o", str(tmp / name), str(src)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if out.returncode != 0:
+            sys.exit(f"perf: gcc failed on {src}:\n{out.stderr}")
+    return tmp
+
+
+def plan_cpus(workers: tuple[int, ...]) -> tuple[str | None, dict[int, str | None], list[str]]:
+    """(load cpus, proxy cpus by socksd worker count (0 = a baseline), notes)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, dict.fromkeys((0, *workers)), ["1 CPU: nothing is pinned"]
+    load = str(cpus[-1])
+    proxy: dict[int, str | None] = {0: str(cpus[0])}
+    notes = [f"baselines pinned to core {cpus[0]}, load generator + targets to core {load}"]
+    for n in workers:
+        if n < len(cpus):
+            proxy[n] = ",".join(map(str, cpus[:n]))
+        else:
+            proxy[n] = ",".join(map(str, cpus))
+            notes.append(
+                f"socksd workers={n} is pinned to all {len(cpus)} cores: the load "
+                f"generator and targets share core {load} with it"
+            )
+    return load, proxy, notes
+
+
+def make_columns(
+    settings: Settings, tmp: Path, python: str, proxy_cpus: dict[int, str | None]
+) -> tuple[list[Column], list[str]]:
+    columns, notes = [], []
+    for n in settings.workers:
+        config = tmp / f"socksd-w{n}.toml"
+        config.write_text(
+            f'listen = ["{HOST}:{PROXY_PORT}"]\nworkers = {n}\n\n[log]\nlevel = "info"\n\n'
+            f'[control]\nsocket = "{tmp}/control-w{n}.sock"\n'
+        )
+        argv: tuple[str, ...] = (python, "-m", "socksd", "--config", str(config))
+        columns.append(Column(f"socksd-w{n}", f"socksd w={n}", argv, proxy_cpus[n]))
+    microsocks = shutil.which("microsocks")
+    if microsocks:
+        argv = (microsocks, "-i", HOST, "-p", str(PROXY_PORT))
+        columns.append(Column("microsocks", "microsocks", argv, proxy_cpus[0]))
+    else:
+        notes.append("microsocks not installed (apt-get install microsocks): skipped")
+    pproxy = shutil.which("pproxy", path=str(Path(python).parent)) or shutil.which("pproxy")
+    if pproxy:
+        argv = (pproxy, "-l", f"socks5://{HOST}:{PROXY_PORT}")
+        columns.append(Column("pproxy", "pproxy", argv, proxy_cpus[0]))
+    else:
+        notes.append("pproxy not installed (pip install pproxy): skipped")
+    columns.append(Column("none", "no proxy", (), None))
+    return columns, notes
+
+
+def snapshot_socksd(tmp: Path) -> str:
+    """Copy socksd's packages into `tmp` (socksd runs from there); return their digest.
+
+    Others edit the working tree while a run takes minutes: every run of every column
+    then measures the same code, and a half-saved edit cannot break a later start.
+    """
+    h = hashlib.sha256()
+    for package in ("socksd", "workers"):
+        dest = tmp / "src" / package
+        shutil.copytree(REPO / package, dest, ignore=shutil.ignore_patterns("__pycache__"))
+        for path in sorted(dest.glob("*.py")):
+            h.update(f"{package}/{path.name}".encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    if out.returncode != 0:
+        return "?"
+    lines = (out.stdout or out.stderr).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def versions(python: str, columns: list[Column], digest: str) -> dict[str, str]:
+    commit = _version(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = _version(["git", "-C", str(REPO), "status", "--porcelain", "socksd", "workers"])
+    changes = " + uncommitted changes" if dirty not in ("", "?") else ""
+    return {
+        "socksd": f"{commit}{changes}, snapshot {digest}",
+        "python": _version([python, "-c", "import sys; print(sys.version.split()[0])"]),
+        "microsocks": _version(["dpkg-query", "-W", "-f", "${Version}", "microsocks"]),
+        "pproxy": next(
+            (_version([c.argv[0], "--version"]) for c in columns if c.key == "pproxy"), "-"
+        ),
+        "kernel": platform.release(),
+        "cpus": str(len(os.sched_getaffinity(0))),
+    }
+
+
+# -- running ----------------------------------------------------------------------------
+
+
+class RunningProxy:
+    """A started proxy: its process (group leader) and its log file."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.proc = proc
+        self.log = log
+
+    def pids(self) -> list[int]:
+        return tree_pids(self.proc.pid)
+
+    def stop(self) -> None:
+        # INT: socksd's fast stop; the others just die. KILL if that takes over 5 s.
+        for sig in (signal.SIGINT, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout=5)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+
+class Bench:
+    """The namespace, the compiled tools, the targets and one measurement at a time."""
+
+    def __init__(self, ns: NetNS, tmp: Path, settings: Settings, load_cpus: str | None) -> None:
+        self.ns = ns
+        self.tmp = tmp
+        self.settings = settings
+        self.pin_load = ["taskset", "-c", load_cpus] if load_cpus else []
+        for key, value in SYSCTLS.items():
+            ns.sysctl(key, value)
+        target = ns.popen(
+            [
+                *self.pin_load,
+                str(tmp / "target"),
+                HOST,
+                str(ECHO_PORT),
+                str(BULK_PORT),
+                str(TARGET_LIFETIME_S),
+            ],
+            stdout=subprocess.PIPE,
+        )
+        assert target.stdout is not None
+        if _read_line(target.stdout, 10.0) != "ready":
+            raise RuntimeError("target did not start")
+        self.target_pid = target.pid  # `ip netns exec` and taskset exec: same pid
+
+    # -- proxies --
+
+    def start(self, col: Column, tag: str) -> RunningProxy:
+        log = self.tmp / f"{col.key}-{tag}.log"
+        with open(log, "wb") as out:
+            pin = ["taskset", "-c", col.cpus] if col.cpus else []
+            # `python -m` puts the cwd first on sys.path: socksd runs from the snapshot.
+            cwd = self.tmp / "src"
+            proc = self.ns.popen([*pin, *col.argv], cwd=cwd, stdout=out, stderr=out)
+        proxy = RunningProxy(proc, log)
+        ready = self._socksd_ready if col.key.startswith("socksd") else self._port_open
+        deadline = time.monotonic() + 30.0
+        for _ in range(300):
+            if proc.poll() is not None:
+                break
+            if ready(proxy):
+                return proxy
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        proxy.stop()
+        tail = log.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"{col.label} did not become ready; log tail:\n{tail}")
+
+    @staticmethod
+    def _socksd_ready(proxy: RunningProxy) -> bool:
+        # The listen sockets exist before the workers do; the supervisor says when
+        # every worker is serving.
+        return b'"supervisor_ready"' in proxy.log.read_bytes()
+
+    def _port_open(self, _proxy: RunningProxy) -> bool:
+        sock = self.ns.socket()
+        try:
+            sock.settimeout(0.5)
+            return sock.connect_ex((HOST, PROXY_PORT)) == 0
+        finally:
+            sock.close()
+
+    def wait_quiet(self, proxy: RunningProxy | None) -> None:
+        """Wait (at most 5 s) until the proxy and the targets have stopped using CPU."""
+        pids = [self.target_pid] + (proxy.pids() if proxy else [])
+        for _ in range(25):
+            before = cpu_seconds(pids)
+            time.sleep(0.2)
+            if cpu_seconds(pids) - before < 0.01:
+                return
+
+    # -- load --
+
+    def loadgen(self, mode: str, proxy: RunningProxy | None, *extra: str) -> list[str]:
+        argv = [*self.pin_load, str(self.tmp / "loadgen"), mode]
+        if proxy is not None:
+            argv += ["--proxy", f"{HOST}:{PROXY_PORT}"]
+        port = BULK_PORT if mode == "bulk" else ECHO_PORT
+        argv += ["--target", f"{HOST}:{port}", "--src", CLIENT_SRC]
+        return [*argv, "--src-count", str(CLIENT_SRC_COUNT), *extra]
+
+    def measure(
+        self, proxy: RunningProxy | None, argv: list[str], deadline_s: float
+    ) -> tuple[dict[str, Any], Cpu]:
+        """Run one load; return its JSON result and the CPU used meanwhile."""
+        meter = CpuMeter(proxy.pids() if proxy else [], self.target_pid)
+        proc = self.ns.popen([*argv, "--deadline-s", str(int(deadline_s))], stdout=subprocess.PIPE)
+        out, _ = proc.communicate(timeout=deadline_s + 30)
+        result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+        return result, meter.read(result["user_s"] + result["sys_s"])
+
+    def tunnels(self, proxy: RunningProxy | None, total: int) -> dict[str, Sample]:
+        argv = self.loadgen(
+            "tunnels",
+            proxy,
+            "--total",
+            str(total),
+            "--concurrency",
+            str(self.settings.concurrency),
+            "--timeout-ms",
+            "10000",
+        )
+        r, cpu = self.measure(proxy, argv, 30 + total / 200)
+        wall = r["elapsed_s"]
+        return {
+            "tunnels_per_s": Sample(r["rate"], wall, cpu, r["failures"]),
+            "tunnels_ok": Sample(r["ok"], wall, cpu),
+            "ttfb_p50_ms": Sample(r["ttfb_us"]["p50"] / 1000, wall, cpu),
+            "ttfb_p99_ms": Sample(r["ttfb_us"]["p99"] / 1000, wall, cpu),
+        }
+
+    def bulk(self, proxy: RunningProxy | None, streams: int) -> Sample:
+        size = self.settings.bulk_bytes
+        argv = self.loadgen(
+            "bulk",
+            proxy,
+            "--discard",
+            "--concurrency",
+            str(streams),
+            "--bytes",
+            str(size),
+            "--timeout-ms",
+            "120000",
+        )
+        r, cpu = self.measure(proxy, argv, 30 + size / (20 << 20))
+        return Sample(r["mib_s"], r["elapsed_s"], cpu, r["failures"])
+
+    def idle_rss(self, proxy: RunningProxy) -> Sample:
+        """Hold N idle tunnels; RSS per tunnel = (RSS holding them - RSS before) / held."""
+        n = self.settings.idle
+        open_s = 30 + n / 200
+        argv = self.loadgen(
+            "hold",
+            proxy,
+            "--total",
+            str(n),
+            "--concurrency",
+            str(self.settings.concurrency),
+            "--timeout-ms",
+            "10000",
+            "--deadline-s",
+            str(int(open_s + 60)),
+        )
+        self.wait_quiet(proxy)
+        pids = proxy.pids()
+        rss0, meter = rss_bytes(pids), CpuMeter(pids, self.target_pid)
+        proc = self.ns.popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        assert proc.stdout is not None
+        line = _read_line(proc.stdout, open_s + 10)  # "held N", or the JSON if it gave up
+        cpu = meter.read(cpu_seconds([proc.pid]))  # the opening, not the holding
+        rss1 = None
+        if line.startswith("held"):
+            time.sleep(1.0)  # let the proxy finish its per-tunnel bookkeeping
+            rss1 = rss_bytes(proxy.pids())
+        out, _ = proc.communicate(timeout=60)  # closes stdin: the load closes its tunnels
+        r = json.loads(line if line.startswith("{") else out.decode().strip().splitlines()[-1])
+        held = r["held"]
+        value = (rss1 - rss0) / held / 1024 if rss1 is not None and held else float("nan")
+        failures = dict(r["failures"])
+        if held < n:
+            failures.setdefault("not_held", n - held)
+        return Sample(value, r["elapsed_s"], cpu, failures)
+
+
+def _read_line(stream: Any, timeout: float) -> str:
+    """One line from a child's stdout pipe, waiting at most `timeout` seconds."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(stream, selectors.EVENT_READ)
+        while not data.endswith(b"\n") and len(data) < 65536:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(left):
+                break
+            chunk = os.read(stream.fileno(), 1)  # byte by byte: nothing past the line
+            if not chunk:
+                break
+            data += chunk
+    return data.decode(errors="replace").strip()
+
+
+# -- one column, one run ----------------------------------------------------------------
+
+
+def run_column(bench: Bench, col: Column, run: int) -> dict[str, Sample]:
+    s = bench.settings
+    proxy = bench.start(col, f"run{run}") if col.argv else None
+    try:
+        warm = bench.tunnels(proxy, s.warmup)["tunnels_per_s"]
+        if warm.value == 0:
+            raise RuntimeError(f"{col.label}: no warm-up tunnel succeeded: {warm.failures}")
+        samples: dict[str, Sample] = {}
+        if proxy is not None:
+            samples["rss_kib_per_idle"] = bench.idle_rss(proxy)
+        bench.wait_quiet(proxy)
+        samples.update(bench.tunnels(proxy, s.tunnels))
+        for streams in (1, 8):
+            bench.wait_quiet(proxy)
+            samples[f"mib_s_{streams}"] = bench.bulk(proxy, streams)
+    finally:
+        if proxy is not None:
+            proxy.stop()
+    if proxy is not None and col.key.startswith("socksd"):
+        # Counted after the stop, so lines the logger still buffered are in (or lost).
+        lines = proxy.log.read_bytes().count(b'"tunnel_closed"')
+        samples["tunnel_closed_lines"] = Sample(lines, 0, Cpu(0, 0, 0))
+    return samples
+
+
+# -- report -----------------------------------------------------------------------------
+
+ROWS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
+    ("tunnels_per_s", "tunnels/s", lambda v: f"{v:,.0f}"),
+    ("ttfb_p50_ms", "TTFB p50 ms", lambda v: f"{v:.2f}"),
+    ("ttfb_p99_ms", "TTFB p99 ms", lambda v: f"{v:.2f}"),
+    ("mib_s_1", "MiB/s 1 stream", lambda v: f"{v:,.0f}"),
+    ("mib_s_8", "MiB/s 8 streams", lambda v: f"{v:,.0f}"),
+    ("rss_kib_per_idle", "RSS/idle tunnel KiB", lambda v: f"{v:.1f}"),
+)
+CPU_ROWS = (
+    ("tunnels_per_s", "tunnels (+TTFB)"),
+    ("mib_s_1", "1 stream"),
+    ("mib_s_8", "8 streams"),
+    ("rss_kib_per_idle", "opening idle"),
+)
+
+
+def summarize(runs: dict[str, list[dict[str, Sample]]]) -> dict[str, Any]:
+    medians: dict[str, dict[str, float]] = {}
+    cpu: dict[str, dict[str, dict[str, float]]] = {}
+    failures: dict[str, dict[str, int]] = {}
+    for key, samples in runs.items():
+        medians[key], cpu[key], failures[key] = {}, {}, {}
+        for metric in {m for run in samples for m in run}:
+            got = [run[metric] for run in samples if metric in run]
+            medians[key][metric] = statistics.median(s.value for s in got)
+            cpu[key][metric] = {
+                "load_pct": statistics.median(s.pct(s.cpu.load_s) for s in got),
+                "proxy_pct": statistics.median(s.pct(s.cpu.proxy_s) for s in got),
+                "other_pct": statistics.median(s.pct(s.cpu.other_s) for s in got),
+            }
+            for s in got:
+                for kind, count in s.failures.items():
+                    failures[key][kind] = failures[key].get(kind, 0) + count
+    return {"medians": medians, "cpu_pct": cpu, "failures": failures}
+
+
+def ratios(medians: dict[str, dict[str, float]], ours: str) -> dict[str, dict[str, float]]:
+    out = {}
+    for other, name in (("microsocks", "microsocks"), ("pproxy", "pproxy"), ("none", "no-proxy")):
+        if other in medians and ours in medians:
+            out[f"socksd/{name}"] = {
+                metric: medians[ours][metric] / medians[other][metric]
+                for metric, _, _ in ROWS
+                if medians[other].get(metric) and metric in medians[ours]
+            }
+    return out
+
+
+def print_table(columns: list[Column], summary: dict[str, Any], ratio: dict[str, Any]) -> None:
+    med, fails = summary["medians"], summary["failures"]
+    heads = [c.label for c in columns] + list(ratio)
+    width = max(13, *(len(h) + 2 for h in heads))
+    print(f"\n{'':22}" + "".join(f"{h:>{width}}" for h in heads))
+    for metric, label, fmt in ROWS:
+        cells = [fmt(med[c.key][metric]) if metric in med[c.key] else "-" for c in columns]
+        cells += [f"{r[metric]:.2f}" if metric in r else "-" for r in ratio.values()]
+        print(f"{label:22}" + "".join(f"{c:>{width}}" for c in cells))
+    cells = [str(sum(fails[c.key].values())) for c in columns]
+    print(f"{'failures (all runs)':22}" + "".join(f"{c:>{width}}" for c in cells))
+    for c in columns:
+        if fails[c.key]:
+            print(f"  {c.label} failures: {fails[c.key]}")
+
+    print(
+        "\nCPU % of one core during each figure (median): L = load side, P = proxy side,"
+        " O = rest of the machine (other processes, ksoftirqd, steal)"
+    )
+    print(f"{'':22}" + "".join(f"{c.label:>{width}}" for c in columns))
+    for metric, label in CPU_ROWS:
+        cells = []
+        for c in columns:
+            got = summary["cpu_pct"][c.key].get(metric)
+            cells.append(
+                # max(0): tick rounding can make the remainder slightly negative
+                f"L{got['load_pct']:.0f} P{got['proxy_pct']:.0f} O{max(0, got['other_pct']):.0f}"
+                if got
+                else "-"
+            )
+        print(f"{label:22}" + "".join(f"{x:>{width}}" for x in cells))
+    for share, limit, meaning in (
+        ("load_pct", LOAD_BOUND_PCT, "the load side was busy: may be load-bound, a lower bound"),
+        ("other_pct", DISTURBED_PCT, "the rest of the machine was busy: disturbed"),
+    ):
+        flagged = [
+            f"{c.label} {label}"
+            for metric, label in CPU_ROWS
+            for c in columns
+            if summary["cpu_pct"][c.key].get(metric, {}).get(share, 0) >= limit
+        ]
+        if flagged:
+            print(f"{share} >= {limit} % ({meaning}): {', '.join(flagged)}")
+
+
+def sustained(bench: Bench, col: Column) -> dict[str, Any]:
+    proxy = bench.start(col, "sustained")
+    try:
+        samples = bench.tunnels(proxy, bench.settings.sustained)
+    finally:
+        proxy.stop()
+    s = samples["tunnels_per_s"]
+    return {
+        "proxy": col.label,
+        "tunnels": bench.settings.sustained,
+        "ok": int(samples["tunnels_ok"].value),
+        "tunnels_per_s": s.value,
+        "failures": s.failures,
+        "cpu_pct": {k: s.pct(v) for k, v in asdict(s.cpu).items()},
+    }
+
+
+# -- main -------------------------------------------------------------------------------
+
+
+def parse_args() -> tuple[argparse.Namespace, Settings]:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--runs", type=int, help="runs per figure (default 3; --quick: 1)")
+    ap.add_argument("--quick", action="store_true", help="small smoke run, under a minute")
+    ap.add_argument("--workers", default="1,2", help="socksd worker counts, e.g. 1,2")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    ap.add_argument("--tunnels", type=int, help="tunnels per run (default 20,000)")
+    ap.add_argument("--bulk-mib", type=int, help="MiB per throughput figure (default 1024)")
+    ap.add_argument("--idle", type=int, help="idle tunnels to hold (default 10,000)")
+    ap.add_argument("--sustained", type=int, help="sustained tunnels (default 60,000; 0 = skip)")
+    ap.add_argument("--python", default=sys.executable, help="Python that runs socksd")
+    ap.add_argument("--keep-logs", action="store_true", help="keep the temp dir and its logs")
+    args = ap.parse_args()
+    quick = args.quick
+    workers = tuple(int(w) for w in args.workers.split(",") if w.strip())
+    if not workers or min(workers) < 1:
+        ap.error("--workers takes positive numbers, e.g. 1,2")
+    settings = Settings(
+        runs=args.runs or (1 if quick else 3),
+        tunnels=args.tunnels or (2000 if quick else 20000),
+        concurrency=64,
+        bulk_bytes=(args.bulk_mib or (64 if quick else 1024)) << 20,
+        idle=args.idle or (1000 if quick else 10000),
+        warmup=200 if quick else 500,
+        sustained=args.sustained if args.sustained is not None else (6000 if quick else 60000),
+        workers=workers,
+    )
+    return args, settings
+
+
+def preflight(args: argparse.Namespace, settings: Settings) -> tuple[Settings, list[str]]:
+    """Check root and socksd's Python; raise our fd limit; fit N idle tunnels under it."""
+    if os.geteuid() != 0:
+        sys.exit("perf: run as root (it creates a network namespace)")
+    check = subprocess.run(
+        [args.python, "-c", "import orjson, structlog, setproctitle"],
+        capture_output=True,
+        timeout=30,
+    )
+    if check.returncode != 0:
+        sys.exit(f"perf: {args.python} lacks socksd's dependencies; run the venv's python")
+    # Every process we start inherits this; a single-process proxy needs 2 fds per tunnel.
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    idle = min(settings.idle, (hard - FD_MARGIN) // 2)
+    if idle == settings.idle:
+        return settings, []
+    note = (
+        f"RSS/idle tunnel at N = {idle:,} held tunnels, not {settings.idle:,}: "
+        f"RLIMIT_NOFILE hard limit {hard:,} and a single-process proxy needs 2 fds "
+        f"per tunnel (+{FD_MARGIN} spare)"
+    )
+    return Settings(**{**asdict(settings), "idle": idle}), [note]
+
+
+def measure_all(
+    tmp: Path, settings: Settings, columns: list[Column], load_cpus: str | None
+) -> tuple[dict[str, list[dict[str, Sample]]], dict[str, Any] | None]:
+    """Every run of every column, then the sustained run."""
+    runs: dict[str, list[dict[str, Sample]]] = {c.key: [] for c in columns}
+    with NetNS("perf") as ns:
+        bench = Bench(ns, tmp, settings, load_cpus)
+        for run in range(1, settings.runs + 1):
+            for col in columns:  # interleaved, so a drift hits every column alike
+                t0 = time.monotonic()
+                samples = run_column(bench, col, run)
+                runs[col.key].append(samples)
+                figures = " ".join(f"{m}={s.value:,.2f}" for m, s in samples.items())
+                took = time.monotonic() - t0
+                print(f"run {run}/{settings.runs} {col.label:12} {figures}  ({took:.0f} s)")
+    sus = None
+    if settings.sustained:
+        with NetNS("perf") as ns:  # fresh: no TIME_WAIT left over from the runs above
+            bench = Bench(ns, tmp, settings, load_cpus)
+            sus = sustained(bench, columns[0])
+    return runs, sus
+
+
+def print_extras(
+    columns: list[Column], summary: dict[str, Any], sus: Any, settings: Settings
+) -> None:
+    # warm-up + idle + the tunnels figure + the 1 + 8 bulk streams
+    tunnels_per_run = settings.warmup + settings.idle + settings.tunnels + 9
+    for c in columns:
+        lines = summary["medians"][c.key].get("tunnel_closed_lines")
+        if lines is not None:
+            print(
+                f"{c.label}: {lines:,.0f} tunnel_closed log lines per run (median) for "
+                f"{tunnels_per_run:,} tunnels"
+            )
+    if sus is not None:
+        verdict = "PASS" if not sus["failures"] else "FAIL"
+        print(
+            f"sustained: {sus['tunnels']:,} tunnels through {sus['proxy']} to one target "
+            f"from one ingress IP: {sus['ok']:,} ok at {sus['tunnels_per_s']:,.0f}/s, "
+            f"failures {sus['failures'] or 0} [{verdict}] "
+            f"(CPU L{sus['cpu_pct']['load_s']:.0f} P{sus['cpu_pct']['proxy_s']:.0f}"
+            f" O{sus['cpu_pct']['other_s']:.0f})"
+        )
+
+
+def main() -> int:
+    args, settings = parse_args()
+    settings, notes = preflight(args, settings)
+    load_cpus, proxy_cpus, pin_notes = plan_cpus(settings.workers)
+    tmp = Path(tempfile.mkdtemp(prefix="socksd-perf-"))
+    started = time.monotonic()
+    try:
+        build_tools(tmp)
+        digest = snapshot_socksd(tmp)
+        columns, skip_notes = make_columns(settings, tmp, args.python, proxy_cpus)
+        notes += pin_notes + skip_notes
+        notes.append(f"proxy logs (socksd: level info, tunnel_closed on) go to files in {tmp}")
+        notes.append(f"socksd runs from a copy of socksd/ and workers/ taken at start: {tmp}/src")
+        meta = {
+            "settings": asdict(settings),
+            "versions": versions(args.python, columns, digest),
+            "sysctls": SYSCTLS,
+            "columns": [asdict(c) for c in columns],
+        }
+        print("socksd perf:", json.dumps(meta["versions"]))
+        print(f"settings: {json.dumps(meta['settings'])}")
+        for note in notes:
+            print(f"note: {note}")
+        sys.stdout.flush()
+        runs, sus = measure_all(tmp, settings, columns, load_cpus)
+        summary = summarize(runs)
+        ratio = ratios(summary["medians"], columns[0].key)
+        print_table(columns, summary, ratio)
+        print_extras(columns, summary, sus, settings)
+        elapsed = time.monotonic() - started
+        print(f"total time {elapsed:.0f} s")
+        if args.json:
+            report = {
+                **meta,
+                "notes": notes,
+                **summary,
+                "ratios": ratio,
+                "sustained": sus,
+                "runs": {
+                    k: [{m: asdict(s) for m, s in r.items()} for r in v] for k, v in runs.items()
+                },
+                "elapsed_s": elapsed,
+            }
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    finally:
+        if args.keep_logs:
+            print(f"logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
