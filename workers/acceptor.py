@@ -25,13 +25,17 @@ _FD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 class Acceptor:
     """Readiness handler of one listening socket."""
 
-    __slots__ = ("_ctx", "sock", "_paused", "address")
+    __slots__ = ("_ctx", "sock", "_paused", "address", "_fixed_ip")
 
     def __init__(self, ctx: WorkerContext, sock: socket.socket, address: str) -> None:
         self._ctx = ctx
         self.sock = sock
         self.address = address
         self._paused = False
+        # A listener bound to one IP only accepts clients that connected to that IP:
+        # no getsockname() per client. A wildcard listener must ask each socket.
+        host = sock.getsockname()[0]
+        self._fixed_ip = None if host in ("0.0.0.0", "::") else policy.normalize_ip(host)
         ctx.loop.register(sock, EVENT_READ, self)
 
     def on_readable(self) -> None:
@@ -53,7 +57,7 @@ class Acceptor:
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 # The address the client connected to: with a wildcard listener only the
                 # accepted socket knows which of the host's IPs that was.
-                ingress_ip = policy.normalize_ip(client.getsockname()[0])
+                ingress_ip = self._fixed_ip or policy.normalize_ip(client.getsockname()[0])
             except OSError:
                 client.close()  # reset before we looked at it
                 continue

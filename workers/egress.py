@@ -147,12 +147,12 @@ class Connector:
         ipc = self._tc.ipc
         self._attempts += 1
         try:
-            sock = socket.socket(self.family, socket.SOCK_STREAM)
+            # Non-blocking from birth: no ioctl(FIONBIO) afterwards.
+            sock = socket.socket(self.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as exc:
             return self._failed("socket", exc.errno or errno.EIO)
         stage = "socket"
         try:
-            sock.setblocking(False)
             # Port chosen at connect() against the 4-tuple; see the module docstring.
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_BIND_ADDRESS_NO_PORT, 1)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -202,7 +202,7 @@ class Connector:
         self.sock = None
         ipc = self._tc.ipc
         if err:
-            self._loop.unregister(sock)
+            self._loop.forget(sock)  # aborted (closed) below
             self._tc.release(self._loop.now, time_wait=False)
             abort(sock)
             ipc.fail(errno_name(err))
@@ -217,7 +217,7 @@ class Connector:
             # The owner never took the socket over: it is still ours to unwind, or it
             # would stay registered (always writable) and hold its port forever.
             if sock.fileno() >= 0 and self._loop.handler_of(sock) is self:
-                self._loop.unregister(sock)
+                self._loop.forget(sock)  # aborted (closed) below
                 self._tc.release(self._loop.now, time_wait=False)
                 abort(sock)
             raise
@@ -237,7 +237,7 @@ class Connector:
         sock, self.sock = self.sock, None
         if sock is None:
             return
-        self._loop.unregister(sock)
+        self._loop.forget(sock)  # aborted (closed) below
         self._tc.release(self._loop.now, time_wait=False)
         abort(sock)
 

@@ -149,6 +149,8 @@ class PortPressure:
         """A connect() got a port for this (IP, target)."""
         tc.open += 1
         tc.ipc.open += 1
+        if not tc.high and tc.open + sum(tc._counts) < self._threshold * self.ports:
+            return  # far from the edge even counting every close in the window: cheap exit
         level = self.pressure(tc, now)
         if not tc.high and level >= self._threshold:
             tc.high = True

@@ -194,8 +194,15 @@ class Relay:
         src.eof = True
         if src is self.upstream and not src.wr_closed:
             self._target_closed_first = True
-        if not src.peer.owed():
-            self._shutdown_write(src.peer)
+        peer = src.peer
+        if not peer.owed():
+            if peer.eof:
+                # Both directions are done: close() sends the FIN itself, so skip the
+                # shutdown() syscall (nothing unread is left, so close is graceful).
+                peer.wr_closed = True
+                self.close("eof")
+                return
+            self._shutdown_write(peer)
         self._after_change(src)
 
     def _splice_in(self, src: _Side) -> None:
@@ -335,7 +342,7 @@ class Relay:
         self._timer.cancel()
         for side in (self.client, self.upstream):
             if side.mask:
-                self._loop.unregister(side.sock)
+                self._loop.forget(side.sock)  # closed on the next line
                 side.mask = 0
             if abortive:
                 abort(side.sock)

@@ -406,7 +406,7 @@ class Session:
             self._connector.cancel()
             self._connector = None
         if self._mask:
-            self._loop.unregister(self.client)
+            self._loop.forget(self.client)  # closed on the next line
             self._mask = 0
         self.client.close()
         self._ctx.open.discard(self)
