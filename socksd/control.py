@@ -214,7 +214,7 @@ def metrics_responder(render: Callable[[], str]) -> Responder:
     return respond
 
 
-def query(path: str, command: str = "stats", timeout: float = 5.0) -> dict[str, Any]:
+def query(path: str, command: str = "stats", timeout: float = 3 * CONN_TIMEOUT) -> dict[str, Any]:
     """Ask a running supervisor (the `socksd stats` client).
 
     Raises:

@@ -178,10 +178,10 @@ class Supervisor:
             self.log.error("reload_failed", error=str(exc), keeping=self.config.source)
             self.notifier.ready()
             return
-        for address, socks in self.listeners.items():
-            kept = listeners.get(address, [])
+        kept = {id(sock) for socks in listeners.values() for sock in socks}
+        for socks in self.listeners.values():
             for sock in socks:
-                if sock not in kept:
+                if id(sock) not in kept:
                     sock.close()  # removed address or slot: its old worker drains
         self.listeners = listeners
         logs.configure(new.log.level)
@@ -203,15 +203,22 @@ class Supervisor:
     def _listeners_for(self, new: Config) -> dict[ListenAddress, list[socket.socket]]:
         """The slot sockets `new` needs, reusing ours; on error close only what it opened."""
         result: dict[ListenAddress, list[socket.socket]] = {}
+        # "127.0.0.1:0" in the old config and "127.0.0.1:<the port it got>" in the new
+        # one are the same sockets: replacing them would reset their queued clients.
+        bound = {
+            ListenAddress(a.host, socks[0].getsockname()[1]): a
+            for a, socks in self.listeners.items()
+        }
         try:
             for address in new.listen:
-                have = self.listeners.get(address, [])[: new.worker_count]
+                key = address if address in self.listeners else bound.get(address, address)
+                have = self.listeners.get(key, [])[: new.worker_count]
                 result[address] = grow_slots(address, have, new.worker_count)
         except SocksdError:
-            for address, socks in result.items():
-                mine = self.listeners.get(address, [])
+            mine = {id(sock) for socks in self.listeners.values() for sock in socks}
+            for socks in result.values():
                 for sock in socks:
-                    if sock not in mine:
+                    if id(sock) not in mine:
                         sock.close()
             raise
         return result
