@@ -338,3 +338,26 @@ def test_aborted_tunnels_leave_no_time_wait(lab):
     # Only the graceful close of the last tunnel may count as a TIME_WAIT close.
     row = target_row(stats, A, T3S)
     assert row is None or row["recent_closes"] <= 1
+
+
+def test_name_with_several_addresses_tries_them_in_turn(lab):
+    """A name whose first address refuses: socksd tries the next one and succeeds."""
+    lab = lab(port_range="50000 50099")
+    lab.target(T3)
+    lab.hosts("127.0.0.1 localhost\n127.0.0.50 multi.test\n127.0.0.33 multi.test\n")
+    proxy = lab.socksd(config([f"{A}:1080"]))
+    s, rep, bnd_addr, bnd_port = lab.tunnel((A, 1080), ("multi.test", T3[1]))
+    assert rep == 0 and bnd_addr == A
+    assert peer_seen(s) == (A, bnd_port)
+    s.close()
+    closed = proxy.wait_for("tunnel_closed", lambda e: e["target"] == f"multi.test:{T3[1]}")
+    assert closed["reply"] == 0
+    # Every address refusing: the last error decides the reply.
+    lab.hosts("127.0.0.1 localhost\n127.0.0.50 dead.test\n127.0.0.51 dead.test\n")
+    s, rep, _, _ = lab.tunnel((A, 1080), ("dead.test", T3[1]))
+    assert rep == 0x05
+    s.close()
+    failed = proxy.wait_for("tunnel_closed", lambda e: e["target"] == f"dead.test:{T3[1]}")
+    assert failed["reason"] == "econnrefused"
+    stats = proxy.egress_stats()
+    assert get(stats, A)["failed"].get("econnrefused") == 3  # 127.0.0.50 twice, .51 once

@@ -385,3 +385,13 @@ def test_idle_control_clients_cannot_wedge_the_supervisor(socksd, target):
     finally:
         for s in idle:
             s.close()
+
+
+def test_periodic_stats_log_event(socksd, target):
+    proc = socksd(
+        _config(workers=1).replace("interval = 0.1", "interval = 0.1\nlog_interval = 0.5")
+    )
+    _roundtrip(proc.address, target.port, 777)
+    event = proc.wait_for("stats", lambda e: e["counters"].get("tunnels_closed") == 1)
+    assert event["counters"]["bytes_up"] == 777 and event["counters"]["bytes_down"] == 777
+    assert event["role"] == "supervisor"
