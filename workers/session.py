@@ -120,7 +120,7 @@ class Session:
         self._connector: egress.Connector | None = None
         self._failure: egress.EgressFailed | None = None
         self._user: str | None = None
-        self._eof = False  # the client's FIN was read: stop polling for reads
+        self._eof = False  # FIN read, or early data while connecting: stop polling reads
         self._timer = self._loop.call_later(ctx.config.timeouts.handshake, self._on_timeout)
         ctx.open.add(self)
         self._update()
@@ -128,6 +128,12 @@ class Session:
     # -- loop callbacks ---------------------------------------------------------------
 
     def on_readable(self) -> None:
+        if self.phase in (Phase.RESOLVING, Phase.CONNECTING):
+            # Early payload (or EOF) while we connect: leave it in the kernel for the
+            # relay, and stop watching until then (level-triggered: it would spin).
+            self._eof = True
+            self._update()
+            return
         try:
             data = self.client.recv(_RECV)
         except BlockingIOError:
@@ -447,7 +453,11 @@ class Session:
             return
         want = EVENT_WRITE if self._out else 0
         # Not while AUTHENTICATING: scrypt may take ~40 ms and a client must not be able
-        # to overflow the handshake buffer with early payload meanwhile.
-        if self.phase is Phase.DRAINING or (self.phase is Phase.HANDSHAKE and not self._eof):
+        # to overflow the handshake buffer with early payload meanwhile. While resolving
+        # and connecting the read interest stays (the relay takes it over: two fewer
+        # epoll_ctl per tunnel) until the client actually sends something.
+        if self.phase is Phase.DRAINING or (
+            self.phase in (Phase.HANDSHAKE, Phase.RESOLVING, Phase.CONNECTING) and not self._eof
+        ):
             want |= EVENT_READ
         self._mask = self._loop.set_interest(self.client, self._mask, want, self)
