@@ -930,3 +930,23 @@ def test_any_input_in_any_chunking_gives_the_same_events(chunks: list[bytes], eo
     whole = drive([data], eof)
     assert drive(chunks, eof) == whole
     assert drive([bytes([b]) for b in data], eof) == whole
+
+
+@pytest.mark.parametrize(
+    ("text", "packed"),
+    [
+        ("10.0.0.1", b"\x0a\x00\x00\x01"),
+        ("255.255.255.255", b"\xff\xff\xff\xff"),
+        ("0.0.0.0", b"\x00\x00\x00\x00"),
+        ("256.0.0.1", None),
+        ("01.2.3.4", None),
+        ("1.2.3", None),
+        ("1..2.3", None),
+        ("+1.2.3.4", None),
+        ("\u0661.2.3.4", None),
+    ],
+)
+def test_ipv4_fast_path_accepts_only_canonical_dotted_quads(text, packed):
+    from socksd.socks5 import _ipv4_packed
+
+    assert _ipv4_packed(text) == packed
