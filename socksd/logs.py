@@ -41,7 +41,7 @@ _LEVEL_NAMES = {"warn": "warning", "exception": "error", "critical": "critical"}
 def _stamp(logger: Any, name: str, event: MutableMapping[str, Any]) -> dict[str, Any]:
     # Operators scan lines by time, level and event name: put those first.
     return {
-        "timestamp": datetime.now(UTC).isoformat(timespec="microseconds"),
+        "timestamp": datetime.now(UTC).isoformat(timespec="microseconds")[:-6] + "Z",
         "level": _LEVEL_NAMES.get(name, name),
         "event": event.pop("event", None),
         **event,
