@@ -53,8 +53,7 @@ class Acceptor:
                     continue  # the client gave up in the accept queue: not our error
                 raise
             try:
-                client.setblocking(False)
-                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                client.setblocking(False)  # TCP_NODELAY is inherited from the listener
                 # The address the client connected to: with a wildcard listener only the
                 # accepted socket knows which of the host's IPs that was.
                 ingress_ip = self._fixed_ip or policy.normalize_ip(client.getsockname()[0])
