@@ -42,19 +42,6 @@ def open_listener(address: ListenAddress) -> socket.socket:
     return sock
 
 
-def open_listeners(addresses: tuple[ListenAddress, ...]) -> list[socket.socket]:
-    """Open every listen address, or none: on error, close what was opened and raise."""
-    opened: list[socket.socket] = []
-    try:
-        for address in addresses:
-            opened.append(open_listener(address))
-    except ListenError:
-        for sock in opened:
-            sock.close()
-        raise
-    return opened
-
-
 def describe(sock: socket.socket) -> str:
     """ "host:port" of a bound socket, IPv6 in brackets."""
     host, port = sock.getsockname()[:2]

@@ -29,7 +29,6 @@ class PipePool:
     def __init__(self, keep: int = 8) -> None:
         self._idle: list[Pipe] = []
         self._keep = keep
-        self.created = 0
 
     def borrow(self) -> Pipe | None:
         """An empty pipe, or None when none worth having can be made (out of fds, or
@@ -47,7 +46,6 @@ class PipePool:
         if fcntl.fcntl(w, _F_GETPIPE_SZ) < _MIN_USEFUL:
             close((r, w))
             return None
-        self.created += 1
         return r, w
 
     def give_back(self, pipe: Pipe) -> None:
