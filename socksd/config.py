@@ -30,6 +30,11 @@ workers = "auto"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+def hostport(host: str, port: int) -> str:
+    """ "host:port", with an IPv6 host in brackets ("[::1]:1080")."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True, slots=True)
 class ListenAddress:
     """One address to accept SOCKS clients on."""
@@ -42,7 +47,7 @@ class ListenAddress:
         return socket.AF_INET6 if ":" in self.host else socket.AF_INET
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return hostport(self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True)

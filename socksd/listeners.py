@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import socket
 
-from socksd.config import ListenAddress
+from socksd.config import ListenAddress, hostport
 from socksd.errors import ListenError
 
 BACKLOG = 4096
@@ -44,8 +44,7 @@ def open_listener(address: ListenAddress) -> socket.socket:
 
 def describe(sock: socket.socket) -> str:
     """ "host:port" of a bound socket, IPv6 in brackets."""
-    host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return hostport(*sock.getsockname()[:2])
 
 
 def open_slot_listeners(

@@ -38,7 +38,7 @@ from socksd.control import (
 )
 from socksd.errors import EXIT_BOOT, EXIT_OK, SocksdError
 from socksd.kernel import check, read_kernel_settings
-from socksd.listeners import close_all, grow_slots, open_slot_listeners
+from socksd.listeners import close_all, describe, grow_slots, open_slot_listeners
 from socksd.stats import WorkerView, add_counters, aggregate_egress
 from socksd.timewait import TimeWaitSample, sample_time_wait
 
@@ -412,8 +412,7 @@ class Supervisor:
     def _metrics_address(self) -> str | None:
         if self.metrics is None:
             return None
-        host, port = self.metrics.sock.getsockname()[:2]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return describe(self.metrics.sock)
 
     def _status(self) -> str:
         open_tunnels = sum(v.gauges.get("open_tunnels", 0) for v in self._views())

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import AnyStr, BinaryIO
 
+from socksd.config import hostport
+
 TCP_TIME_WAIT = "06"  # include/net/tcp_states.h: TCP_TIME_WAIT = 6, printed as %02X
 
 # IPv4-mapped IPv6 (::ffff:0:0/96): words 0 and 1 are zero, word 2 holds the bytes
@@ -97,7 +99,7 @@ def decode_endpoint(endpoint_hex: str) -> str:
         raise ValueError(f"not a /proc/net/tcp endpoint: {endpoint_hex!r}")
     ip = decode_ip(ip_hex)
     port = int(port_hex, 16)
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+    return hostport(ip, port)
 
 
 def _unmap(local_ip: AnyStr, remote: AnyStr, prefix: AnyStr) -> tuple[AnyStr, AnyStr]:

@@ -18,6 +18,7 @@ import socket
 import struct
 from typing import Any, Protocol
 
+from socksd.config import hostport
 from socksd.socks5 import Reply
 from workers.loop import EVENT_WRITE, Loop, Timer
 from workers.pressure import PortPressure, TargetCounters
@@ -88,11 +89,6 @@ def abort(sock: socket.socket) -> None:
     sock.close()
 
 
-def _format(target: tuple[Any, ...]) -> str:
-    host, port = target[0], target[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 class Connector:
     """One upstream connect, with timer-driven retries while no 4-tuple is free.
 
@@ -131,7 +127,7 @@ class Connector:
         self._loop = loop
         self._owner = owner
         self._pressure = pressure
-        self._tc = pressure.target(source, _format(target))
+        self._tc = pressure.target(source, hostport(target[0], target[1]))
         self._delays = retry_delays
         self._attempts = 0
         self._timer: Timer | None = None

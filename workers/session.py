@@ -18,6 +18,7 @@ from enum import Enum, auto
 from typing import Any
 
 from socksd import policy
+from socksd.config import hostport
 from socksd.socks5 import (
     NEED_DATA,
     AddressType,
@@ -73,10 +74,6 @@ _ALLOWED: dict[Phase, frozenset[Phase]] = {
 }
 
 
-def _format_target(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 class Session:
     """The SOCKS5 handshake of one client, driven by loop callbacks."""
 
@@ -113,7 +110,7 @@ class Session:
         self._ingress_ip = ingress_ip
         self.log = ctx.log.bind(
             conn_id=ctx.next_conn_id(),
-            client=_format_target(policy.normalize_ip(peer[0]), peer[1]),
+            client=hostport(policy.normalize_ip(peer[0]), peer[1]),
             ingress_ip=ingress_ip,
         )
         self._candidates: deque[tuple[str, socket.AddressFamily, tuple[Any, ...]]] = deque()
@@ -217,7 +214,7 @@ class Session:
 
     def _on_request(self, event: CommandRequest) -> None:
         self.log = self.log.bind(
-            target=_format_target(event.host, event.port), command=event.command.name.lower()
+            target=hostport(event.host, event.port), command=event.command.name.lower()
         )
         if event.command is not Command.CONNECT:
             self._reply_failure(Reply.COMMAND_NOT_SUPPORTED, "command_not_supported")
@@ -282,7 +279,7 @@ class Session:
             stage=failure.stage,
             errno=egress.errno_name(failure.errno),
             source=source,
-            address=_format_target(target[0], target[1]),
+            address=hostport(target[0], target[1]),
         )
 
     def on_egress_failed(self, failure: egress.EgressFailed) -> None:
@@ -303,7 +300,7 @@ class Session:
         counters.tunnels_opened += 1
         client_mask, self._mask = self._mask, 0  # the relay takes the registration over
         self._ctx.open.discard(self)
-        log = self.log.bind(egress=_format_target(bound[0], bound[1]))
+        log = self.log.bind(egress=hostport(bound[0], bound[1]))
         log.debug("tunnel_opened")
         Relay(
             self._loop,
