@@ -39,6 +39,7 @@ from socksd.control import (
 from socksd.errors import EXIT_BOOT, EXIT_OK, SocksdError
 from socksd.kernel import check, read_kernel_settings
 from socksd.listeners import close_all, describe, grow_slots, open_slot_listeners
+from socksd.signals import SignalPipe
 from socksd.stats import WorkerView, add_counters, aggregate_egress
 from socksd.timewait import TimeWaitSample, sample_time_wait
 
@@ -76,22 +77,6 @@ class Slot:
     spawn_at: float | None = 0.0
 
 
-class _Wakeup:
-    def __init__(self, sup: Supervisor) -> None:
-        self.r, self.w = socket.socketpair()
-        self.r.setblocking(False)
-        self.w.setblocking(False)
-        self._sup = sup
-
-    def on_readable(self) -> None:
-        try:
-            data = self.r.recv(256)
-        except BlockingIOError:
-            return
-        for signum in data:
-            self._sup.on_signal(signum)
-
-
 @dataclass(eq=False)
 class _Pipe:
     proc: Proc
@@ -116,7 +101,7 @@ class Supervisor:
         self.retired: dict[str, Any] = {}  # counters of workers that are gone
         self.slots = [Slot(i) for i in range(config.worker_count)]
         self.listeners = open_slot_listeners(config.listen, config.worker_count)
-        self.wake = _Wakeup(self)
+        self.wake = SignalPipe(_SIGNALS, self.on_signal)
         self.sel.register(self.wake.r, selectors.EVENT_READ, self.wake)
         self._control_path = config.control.path()
         self.control = Endpoint(
@@ -256,7 +241,7 @@ class Supervisor:
 
     def _become_worker(self, index: int) -> None:
         """In the child: drop every supervisor fd that is not this slot's."""
-        signal.set_wakeup_fd(-1)
+        self.wake.close()  # our selector is closed below, no unregister needed
         for signum in _SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
         # Until the worker has its own handlers, a forwarded USR1 or a HUP sent to the
@@ -273,8 +258,6 @@ class Supervisor:
         self.control.close_all()
         if self.metrics is not None:
             self.metrics.close_all()
-        self.wake.r.close()
-        self.wake.w.close()
         self.sel.close()
         notify.unset_environment()
 
@@ -484,9 +467,7 @@ class Supervisor:
 
     def run(self) -> int:
         setproctitle.setproctitle(f"socksd: supervisor [{self.config.source}]")
-        signal.set_wakeup_fd(self.wake.w.fileno(), warn_on_full_buffer=False)
-        for signum in _SIGNALS:
-            signal.signal(signum, _ignore)
+        self.wake.install()
         settings = read_kernel_settings()
         self.log.info("kernel_settings", **settings.as_log())
         for event, fields in check(settings, self._bound_addresses()):
@@ -531,7 +512,3 @@ class Supervisor:
 
     def _bound_addresses(self) -> list[ListenAddress]:
         return [ListenAddress(a.host, s[0].getsockname()[1]) for a, s in self.listeners.items()]
-
-
-def _ignore(signum: int, frame: Any) -> None:
-    return None  # the wakeup fd carries the signal to the loop

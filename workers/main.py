@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-from typing import Any
 
 import setproctitle
 
@@ -22,6 +21,7 @@ from socksd.config import Config
 from socksd.kernel import read_kernel_settings
 from socksd.listeners import describe
 from socksd.policy import EgressPolicy
+from socksd.signals import SignalPipe
 from workers.acceptor import Acceptor
 from workers.authenticator import Authenticator
 from workers.context import WorkerContext
@@ -84,13 +84,9 @@ class Worker:
             config.stats.interval,
             self._orphaned,
         )
-        self._rsock, self._wsock = socket.socketpair()
-        self._rsock.setblocking(False)
-        self._wsock.setblocking(False)
-        signal.set_wakeup_fd(self._wsock.fileno(), warn_on_full_buffer=False)
-        for signum in _HANDLED:
-            signal.signal(signum, _ignore)
-        loop.register(self._rsock, EVENT_READ, self)
+        self.signals = SignalPipe(_HANDLED, self.on_signal)
+        self.signals.install()
+        loop.register(self.signals.r, EVENT_READ, self.signals)
         self.listeners = listeners
         self.acceptors = [Acceptor(self.ctx, sock, describe(sock)) for sock in listeners]
         self.stop_signal: int | None = None
@@ -98,26 +94,15 @@ class Worker:
 
     # -- signals --------------------------------------------------------------------
 
-    def on_readable(self) -> None:
-        try:
-            data = self._rsock.recv(64)
-        except BlockingIOError:
-            return
-        for signum in data:
-            if signum == signal.SIGUSR1:
-                self.log_egress_stats()
-            elif signum == signal.SIGQUIT:
-                self.stop_signal = signum
-                self.loop.stop()
-            elif signum in (signal.SIGTERM, signal.SIGINT):
-                self.stop_signal = signum
-                self._start_drain()
-
-    def on_writable(self) -> None:  # pragma: no cover - registered for read only
-        raise AssertionError("signal socket registered for write")
-
-    def on_crash(self, exc: BaseException) -> None:
-        raise exc
+    def on_signal(self, signum: int) -> None:
+        if signum == signal.SIGUSR1:
+            self.log_egress_stats()
+        elif signum == signal.SIGQUIT:
+            self.stop_signal = signum
+            self.loop.stop()
+        elif signum in (signal.SIGTERM, signal.SIGINT):
+            self.stop_signal = signum
+            self._start_drain()
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -168,10 +153,8 @@ class Worker:
                 conn.close("worker_stopping", abortive=True)
             self.log_egress_stats()
             self.reporter.bye()
-            signal.set_wakeup_fd(-1)
-            self.loop.unregister(self._rsock)
-            self._rsock.close()
-            self._wsock.close()
+            self.loop.unregister(self.signals.r)
+            self.signals.close()
             self.resolver.close()
             if self.ctx.pipes is not None:
                 self.ctx.pipes.close()
@@ -179,10 +162,6 @@ class Worker:
         self.log.info("worker_stopped", signal=self.stop_signal, cut_connections=cut)
         logs.set_buffered(False)
         return 0
-
-
-def _ignore(signum: int, frame: Any) -> None:
-    return None  # the wakeup fd carries the signal to the loop
 
 
 def run_worker(
