@@ -5,7 +5,7 @@ and the line buffer a worker flushes once per loop tick.
 Must not: format data into event names; every fact goes into a key.
 
 Cost matters: a worker writes a `tunnel_closed` line per tunnel. The chain is one
-processor that stamps and orders the fields plus orjson, and a worker's lines go to a
+processor that stamps, orders and renders the fields with orjson, and a worker's lines go to a
 buffer written with one `write()` per loop tick instead of one per line.
 """
 
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import MutableMapping
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -28,25 +28,38 @@ _LEVELS = {
 }
 
 
-def _dumps(event: Any, **_: Any) -> bytes:
-    # OPT_NON_STR_KEYS: counters keyed by errno/reply codes stay readable.
-    return orjson.dumps(event, option=orjson.OPT_NON_STR_KEYS, default=str)
-
-
 _PIPE_BUF = 4096
 _PROCESS: dict[str, Any] = {}  # role, worker, gen, pid: bound once per process
 _LEVEL_NAMES = {"warn": "warning", "exception": "error", "critical": "critical"}
+_format_exc_info = structlog.processors.format_exc_info
+_second = -1  # the UTC second `_prefix` was rendered for
+_prefix = ""
 
 
-def _stamp(logger: Any, name: str, event: MutableMapping[str, Any]) -> dict[str, Any]:
+def _timestamp() -> str:
+    """ISO 8601 UTC with microseconds; the date and time part is rendered once a second."""
+    global _second, _prefix  # noqa: PLW0603 - a one-entry cache, private to this module
+    now = time.time()
+    second = int(now)
+    if second != _second:
+        _second, _prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{_prefix}.{int((now - second) * 1_000_000):06d}Z"
+
+
+def _render(logger: Any, name: str, event: MutableMapping[str, Any]) -> bytes:
+    """The whole chain in one processor: stamp, order, render with orjson."""
+    if "exc_info" in event:
+        event = _format_exc_info(logger, name, event)
     # Operators scan lines by time, level and event name: put those first.
-    return {
-        "timestamp": datetime.now(UTC).isoformat(timespec="microseconds")[:-6] + "Z",
+    line = {
+        "timestamp": _timestamp(),
         "level": _LEVEL_NAMES.get(name, name),
         "event": event.pop("event", None),
         **event,
         **_PROCESS,
     }
+    # OPT_NON_STR_KEYS: counters keyed by errno/reply codes stay readable.
+    return orjson.dumps(line, option=orjson.OPT_NON_STR_KEYS, default=str)
 
 
 class LineWriter:
@@ -90,11 +103,7 @@ _WRITER = LineWriter()
 def configure(level: str = "info") -> None:
     """Configure structlog for this process (call again to change the level)."""
     structlog.configure(
-        processors=[
-            structlog.processors.format_exc_info,
-            _stamp,
-            structlog.processors.JSONRenderer(serializer=_dumps),
-        ],
+        processors=[_render],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=lambda *args: _WRITER,
         cache_logger_on_first_use=True,
