@@ -269,7 +269,10 @@ def make_columns(
         config = tmp / f"socksd-w{n}.toml"
         config.write_text(
             f'listen = ["{HOST}:{PROXY_PORT}"]\nworkers = {n}\n\n[log]\nlevel = "info"\n\n'
-            f'[control]\nsocket = "{tmp}/control-w{n}.sock"\n'
+            f'[control]\nsocket = "{tmp}/control-w{n}.sock"\n\n'
+            # The targets live on loopback (in the bench's namespace): opt in to them.
+            # The rule check stays on the measured path.
+            '[[access.destinations]]\naction = "allow"\nto = ["127.0.0.0/8"]\n'
         )
         argv: tuple[str, ...] = (python, "-m", "socksd", "--config", str(config))
         columns.append(Column(f"socksd-w{n}", f"socksd w={n}", argv, proxy_cpus[n]))

@@ -88,6 +88,8 @@ def _socksd(ns: NetNS, tmp: Path) -> subprocess.Popen[bytes]:
     config = tmp / "bench.toml"
     config.write_text(
         f'listen = ["{EGRESS}:{PROXY_PORT}"]\nworkers = 1\n[log]\nlevel = "warning"\n'
+        # The target lives on loopback inside the bench's namespace: opt in to it.
+        '[[access.destinations]]\naction = "allow"\nto = ["127.0.0.0/8"]\n'
     )
     proc = ns.popen(
         [sys.executable, "-m", "socksd", "--config", str(config)],

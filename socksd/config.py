@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from socksd import access
 from socksd.errors import ConfigError
 from socksd.passwords import PasswordHash, parse_hash
 
@@ -127,6 +128,43 @@ class EgressConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UserAccess:
+    """What one RFC 1929 user may do, on top of the global rules and limits."""
+
+    ingress: tuple[access.Net, ...] = ()  # IPs it may come in on (= leave from); () = any
+    destinations: tuple[access.Rule, ...] = ()  # checked before access.destinations
+    max_tunnels: int = 0  # concurrent, per worker share; 0 = limits.max_tunnels_per_user
+    rate: float = 0.0  # new tunnels per second; 0 = limits.user_rate
+    burst: int = 0  # 0 = limits.user_burst
+
+
+@dataclass(frozen=True, slots=True)
+class AccessConfig:
+    """Who may connect and where tunnels may go; see the README's Security section."""
+
+    allow_open_proxy: bool = False
+    clients: tuple[access.Rule, ...] = ()
+    destinations: tuple[access.Rule, ...] = ()
+    users: Mapping[str, UserAccess] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """Concurrency and rate limits; 0 = no limit. Workers share nothing, so a
+    proxy-wide figure is enforced as an equal share per worker (rounded up)."""
+
+    max_tunnels: int = 0
+    max_tunnels_per_worker: int = 0
+    max_tunnels_per_client_ip: int = 0
+    max_tunnels_per_user: int = 0
+    user_rate: float = 0.0
+    user_burst: int = 0
+    auth_failures: int = 5  # failed logins from one client IP before delays start
+    auth_backoff: float = 1.0  # the first delay; doubles with each further failure
+    auth_backoff_max: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole validated configuration."""
 
@@ -142,6 +180,8 @@ class Config:
     control: ControlConfig = ControlConfig()
     metrics_listen: ListenAddress | None = None
     relay_splice: bool = True
+    access: AccessConfig = field(default_factory=AccessConfig)
+    limits: LimitsConfig = LimitsConfig()
     source: str = "<embedded default>"
 
     @property
@@ -149,6 +189,18 @@ class Config:
         if self.workers == "auto":
             return os.cpu_count() or 1
         return self.workers
+
+    @property
+    def loopback_only(self) -> bool:
+        """Every listen address is a loopback address."""
+        return all(access.is_loopback(a.host) for a in self.listen)
+
+    def worker_tunnel_limit(self) -> int:
+        """Open tunnels one worker may hold (0 = no limit)."""
+        limits = [self.limits.max_tunnels_per_worker]
+        if self.limits.max_tunnels:
+            limits.append(-(-self.limits.max_tunnels // self.worker_count))
+        return min((n for n in limits if n), default=0)
 
 
 class _Table:
@@ -307,6 +359,127 @@ def _parse_egress(t: _Table) -> EgressConfig:
     )
 
 
+def _count(t: _Table, name: str, default: int, hi: int = 1 << 30) -> int:
+    value = t.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= hi:
+        raise ConfigError(f"{t.key(name)}: must be an integer in 0..{hi} (0 = no limit)")
+    return value
+
+
+def _rate(t: _Table, name: str, default: float) -> float:
+    value = t.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(f"{t.key(name)}: must be a number >= 0 (0 = no limit)")
+    return float(value)
+
+
+def _parse_ports(value: object, key: str) -> tuple[tuple[int, int], ...]:
+    """[80, 443, "8000-8999"] -> ((80, 80), (443, 443), (8000, 8999))."""
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f'{key}: must be a non-empty list of ports or "low-high" ranges')
+    out = []
+    for i, item in enumerate(value):
+        lo_text, _, hi_text = str(item).partition("-") if isinstance(item, str) else ("", "", "")
+        if isinstance(item, int) and not isinstance(item, bool):
+            lo = hi = item
+        elif lo_text.isdigit() and (hi_text.isdigit() or not hi_text):
+            lo, hi = int(lo_text), int(hi_text or lo_text)
+        else:
+            raise ConfigError(f'{key}[{i}]: must be a port or a "low-high" range, got {item!r}')
+        if not 0 <= lo <= hi <= 65535:
+            raise ConfigError(f"{key}[{i}]: ports are 0..65535, low <= high, got {item!r}")
+        out.append((lo, hi))
+    return tuple(out)
+
+
+def _parse_nets(value: object, key: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{key}: must be a non-empty list of IP addresses or CIDRs")
+    return [_parse_network(v, f"{key}[{i}]") for i, v in enumerate(value)]
+
+
+def _parse_rules(value: object, key: str, address_key: str) -> tuple[access.Rule, ...]:
+    """An array of {action, <address_key>, ports} tables; first match wins."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: must be an array of tables ([[{key}]])")
+    rules = []
+    for i, raw in enumerate(value):
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{key}[{i}]: must be a table")
+        rt = _Table(raw, f"{key}[{i}]")
+        action = rt.get("action")
+        if action not in ("allow", "deny"):
+            raise ConfigError(f'{rt.key("action")}: must be "allow" or "deny", got {action!r}')
+        nets_raw = rt.get(address_key)
+        nets = [] if nets_raw is None else _parse_nets(nets_raw, rt.key(address_key))
+        ports: tuple[tuple[int, int], ...] = ()
+        if address_key == "to" and rt.get("ports") is not None:
+            ports = _parse_ports(rt.get("ports"), rt.key("ports"))
+        rt.done()
+        rules.append(access.make_rule(action, nets, ports, f"{key}[{i}]"))
+    return tuple(rules)
+
+
+def _parse_access(t: _Table, auth: AuthConfig) -> AccessConfig:
+    open_proxy = t.get("allow_open_proxy", False)
+    if not isinstance(open_proxy, bool):
+        raise ConfigError(f"{t.key('allow_open_proxy')}: must be true or false")
+    clients = _parse_rules(t.get("clients", []), t.key("clients"), "from")
+    destinations = _parse_rules(t.get("destinations", []), t.key("destinations"), "to")
+    ut = t.table("users")
+    users: dict[str, UserAccess] = {}
+    for name in list(ut._data):
+        ukey = ut.key(name)
+        if name not in auth.users:
+            raise ConfigError(f"{ukey}: no such user in auth.users")
+        one = ut.table(name)
+        ingress_raw = one.get("ingress")
+        ingress = () if ingress_raw is None else _parse_nets(ingress_raw, one.key("ingress"))
+        users[name] = UserAccess(
+            ingress=tuple(access.Net.parse(n) for n in ingress),
+            destinations=_parse_rules(one.get("destinations", []), one.key("destinations"), "to"),
+            max_tunnels=_count(one, "max_tunnels", 0),
+            rate=_rate(one, "rate", 0.0),
+            burst=_count(one, "burst", 0),
+        )
+        one.done()
+    ut.done()
+    t.done()
+    return AccessConfig(open_proxy, clients, destinations, users)
+
+
+def _parse_limits(t: _Table) -> LimitsConfig:
+    d = LimitsConfig()
+    limits = LimitsConfig(
+        max_tunnels=_count(t, "max_tunnels", d.max_tunnels),
+        max_tunnels_per_worker=_count(t, "max_tunnels_per_worker", d.max_tunnels_per_worker),
+        max_tunnels_per_client_ip=_count(
+            t, "max_tunnels_per_client_ip", d.max_tunnels_per_client_ip
+        ),
+        max_tunnels_per_user=_count(t, "max_tunnels_per_user", d.max_tunnels_per_user),
+        user_rate=_rate(t, "user_rate", d.user_rate),
+        user_burst=_count(t, "user_burst", d.user_burst),
+        auth_failures=_count(t, "auth_failures", d.auth_failures, hi=1000),
+        auth_backoff=t.number("auth_backoff", d.auth_backoff),
+        auth_backoff_max=t.number("auth_backoff_max", d.auth_backoff_max),
+    )
+    t.done()
+    return limits
+
+
+def check_open_proxy(config: Config) -> None:
+    """Refuse an accidental open proxy: a non-loopback listener that anyone may use."""
+    if config.loopback_only or config.access.allow_open_proxy:
+        return
+    if config.auth.method == "none" and not config.access.clients:
+        first = next(a for a in config.listen if not access.is_loopback(a.host))
+        raise ConfigError(
+            f'listen: {first} is not a loopback address and auth.method is "none" with no '
+            '[[access.clients]] rule: that is an open proxy. Set auth.method = "password", '
+            "add [[access.clients]] rules, or set access.allow_open_proxy = true"
+        )
+
+
 def parse_config(data: Mapping[str, Any], source: str) -> Config:
     """Validate a decoded TOML document into a `Config`."""
     root = _Table(data, "")
@@ -373,8 +546,13 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     metrics_listen = None if metrics_raw is None else parse_listen(metrics_raw, "metrics.listen")
     mt.done()
 
+    access_config = _parse_access(root.table("access"), auth)
+    if access_config.users and auth.method != "password":
+        raise ConfigError('access.users: per-user rules need auth.method = "password"')
+    limits = _parse_limits(root.table("limits"))
+
     root.done()
-    return Config(
+    config = Config(
         listen=listen,
         workers=workers,
         timeouts=timeouts,
@@ -387,8 +565,12 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         control=ControlConfig(control_socket),
         metrics_listen=metrics_listen,
         relay_splice=splice,
+        access=access_config,
+        limits=limits,
         source=source,
     )
+    check_open_proxy(config)
+    return config
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
@@ -420,6 +602,7 @@ def with_overrides(
     if workers is not None:
         value: object = workers if workers == "auto" else _int_or_text(workers)
         config = replace(config, workers=_parse_workers(value))
+    check_open_proxy(config)
     return config
 
 

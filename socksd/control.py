@@ -263,7 +263,8 @@ def format_table(agg: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        f"replies {c.get('replies', {})}  handshake failures {c.get('handshake_failures', {})}",
+        f"replies {c.get('replies', {})}  handshake failures {c.get('handshake_failures', {})}"
+        f"  refused {c.get('refused', {})}",
         "",
     ]
     eg = agg["egress"]

@@ -81,6 +81,15 @@ _WORKER_LABELLED: tuple[tuple[str, str, Family], ...] = (
         Family("handshake_failures_total", "counter", "SOCKS handshakes that failed, by reason."),
     ),
     (
+        "refused",
+        "reason",
+        Family(
+            "refused_total",
+            "counter",
+            "Clients and requests refused by an access rule or a limit, by reason.",
+        ),
+    ),
+    (
         "replies",
         "code",
         Family("replies_total", "counter", "SOCKS5 replies sent, by reply code (RFC 1928 6)."),

@@ -1,6 +1,7 @@
 """Accepting clients on the worker's listening sockets.
 
-Owns: a bounded accept burst per readiness event, per-client socket options, handing
+Owns: a bounded accept burst per readiness event, per-client socket options, the
+client access rule and the overload guard (both before any byte is read), handing
 each client to a new `Session`, and backing off when file descriptors run out.
 Must not: read from clients.
 """
@@ -61,6 +62,16 @@ class Acceptor:
                 client.close()  # reset before we looked at it
                 continue
             ctx.counters.accepted += 1
+            if not ctx.clients.allows(peer[0]):
+                # Before any byte is read: a denied client learns nothing about us.
+                client.close()
+                ctx.limits.refuse("client_denied", ctx.loop.now, "client_denied", client=peer[0])
+                continue
+            limit = ctx.limits.max_tunnels
+            if limit and len(ctx.open) >= limit:
+                client.close()  # overload: close before the greeting (no reply is owed)
+                ctx.limits.refuse("overloaded", ctx.loop.now, "overloaded", open=len(ctx.open))
+                continue
             Session(ctx, client, peer, ingress_ip)
 
     def _pause(self, exc: OSError) -> None:
@@ -68,7 +79,10 @@ class Acceptor:
             return
         self._paused = True
         self._ctx.loop.unregister(self.sock)
-        self._ctx.log.warning(
+        # Rate-limited: under lasting exhaustion this pauses ten times a second.
+        self._ctx.limits.refuse(
+            "fd_exhausted",
+            self._ctx.loop.now,
             "accept_paused",
             listen=self.address,
             errno=errno.errorcode.get(exc.errno or 0, "?").lower(),

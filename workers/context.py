@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from socksd.access import ClientPolicy, DestinationPolicy
 from socksd.config import Config
 from socksd.policy import EgressPolicy
 from workers.authenticator import Authenticator
+from workers.limits import Limits
 from workers.loop import Loop
 from workers.pipes import PipePool
 from workers.pressure import PortPressure
@@ -35,6 +37,9 @@ class WorkerContext:
     log: Any
     pressure: PortPressure
     policy: EgressPolicy
+    clients: ClientPolicy
+    destinations: DestinationPolicy
+    limits: Limits
     counters: WorkerCounters = field(default_factory=WorkerCounters)
     pipes: PipePool | None = field(default_factory=PipePool)  # None: no splice
     buffer: memoryview = field(default_factory=lambda: memoryview(bytearray(RELAY_BUFFER)))

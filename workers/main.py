@@ -17,6 +17,7 @@ import socket
 import setproctitle
 
 from socksd import logs
+from socksd.access import ClientPolicy, DestinationPolicy
 from socksd.config import Config
 from socksd.kernel import read_kernel_settings
 from socksd.listeners import describe
@@ -25,9 +26,10 @@ from socksd.signals import SignalPipe
 from workers.acceptor import Acceptor
 from workers.authenticator import Authenticator
 from workers.context import WorkerContext
+from workers.limits import Limits
 from workers.loop import EVENT_READ, Loop
 from workers.pressure import PortPressure
-from workers.reporter import Reporter
+from workers.reporter import Reporter, WorkerCounters
 from workers.resolver import Resolver
 
 _DRAIN_POLL = 0.1
@@ -62,6 +64,7 @@ class Worker:
             config.egress.max_tracked_targets,
             self.log,
         )
+        counters = WorkerCounters()
         self.ctx = WorkerContext(
             loop,
             config,
@@ -70,6 +73,11 @@ class Worker:
             self.log,
             self.pressure,
             EgressPolicy(config.egress.mappings),
+            ClientPolicy(config.access.clients, loopback_only=config.loopback_only),
+            # The bound addresses, not the configured ones: port 0 means "any".
+            DestinationPolicy(config.access.destinations, [s.getsockname()[:2] for s in listeners]),
+            Limits(config, self.log, counters),
+            counters,
         )
         if not config.relay_splice:
             self.ctx.pipes = None

@@ -24,6 +24,7 @@ import socket
 from typing import Any
 
 from workers.egress import abort
+from workers.limits import Claim
 from workers.loop import EVENT_READ, EVENT_WRITE, Loop, Timer
 from workers.pipes import PIPE_SIZE, Pipe, PipePool
 from workers.pipes import close as close_pipe
@@ -102,6 +103,7 @@ class Relay:
         "_target_closed_first",
         "_counters",
         "_pipes",
+        "_claim",
     )
 
     def __init__(
@@ -119,6 +121,7 @@ class Relay:
         registry: set[Any],
         counters: WorkerCounters,
         lease: TargetCounters | None = None,
+        claim: Claim | None = None,
         client_mask: int = 0,
         upstream_mask: int = 0,
         pipes: PipePool | None = None,
@@ -145,6 +148,7 @@ class Relay:
         self._registry = registry
         registry.add(self)
         self._lease = lease
+        self._claim = claim
         self._counters = counters
         self._pipes = pipes  # None: splice off
         counters.open_tunnels += 1
@@ -370,3 +374,5 @@ class Relay:
         if self._lease is not None:
             time_wait = not abortive and not self._target_closed_first
             self._lease.release(self._loop.now, time_wait)
+        if self._claim is not None:
+            self._claim.release()

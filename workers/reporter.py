@@ -34,6 +34,7 @@ class WorkerCounters:
         "bytes_up",
         "bytes_down",
         "handshake_failures",
+        "refused",
         "replies",
         "open_tunnels",
         "dropped_lines",
@@ -46,12 +47,16 @@ class WorkerCounters:
         self.bytes_up = 0
         self.bytes_down = 0
         self.handshake_failures: dict[str, int] = {}
+        self.refused: dict[str, int] = {}  # by access rule or limit: reason -> count
         self.replies: dict[int, int] = {}
         self.open_tunnels = 0
         self.dropped_lines = 0
 
     def handshake_failed(self, reason: str) -> None:
         self.handshake_failures[reason] = self.handshake_failures.get(reason, 0) + 1
+
+    def refuse(self, reason: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
 
     def replied(self, code: int) -> None:
         self.replies[code] = self.replies.get(code, 0) + 1
@@ -126,6 +131,7 @@ class Reporter:
                     "bytes_up": c.bytes_up,
                     "bytes_down": c.bytes_down,
                     "handshake_failures": c.handshake_failures,
+                    "refused": c.refused,
                     "replies": {str(k): v for k, v in c.replies.items()},
                     "egress_errors": egress_errors,
                     "retries": retries,

@@ -17,8 +17,8 @@ from collections import deque
 from enum import Enum, auto
 from typing import Any
 
-from socksd import policy
-from socksd.config import hostport
+from socksd import access, policy
+from socksd.config import UserAccess, hostport
 from socksd.socks5 import (
     NEED_DATA,
     AddressType,
@@ -38,6 +38,7 @@ from socksd.socks5 import (
 )
 from workers import egress
 from workers.context import WorkerContext
+from workers.limits import Claim
 from workers.loop import EVENT_READ, EVENT_WRITE
 from workers.pressure import TargetCounters
 from workers.relay import Relay
@@ -49,6 +50,7 @@ _RECV = 16 * 1024
 # After a failure reply, how long we wait for the client to read it and close before we
 # close ourselves (RFC 1928 section 6 allows up to 10 s).
 DRAIN_TIMEOUT = 2.0
+_NO_USER = UserAccess()
 
 
 class Phase(Enum):
@@ -94,6 +96,8 @@ class Session:
         "_failure",
         "_user",
         "_eof",
+        "_claim",
+        "_peer_ip",
     )
 
     def __init__(
@@ -117,6 +121,8 @@ class Session:
         self._connector: egress.Connector | None = None
         self._failure: egress.EgressFailed | None = None
         self._user: str | None = None
+        self._claim: Claim | None = None  # this tunnel's place in per-IP/per-user counts
+        self._peer_ip: str = peer[0]
         self._eof = False  # FIN read, or early data while connecting: stop polling reads
         self._timer = self._loop.call_later(ctx.config.timeouts.handshake, self._on_timeout)
         ctx.open.add(self)
@@ -195,11 +201,28 @@ class Session:
         self._user = event.username.decode("utf-8", "replace")
         self._transition(Phase.AUTHENTICATING)
         self._update()
-        self._ctx.authenticator.check(event.username, event.password, self._on_auth_verdict)
+        delay = self._ctx.limits.auth_delay(self._peer_ip, self._loop.now)
+        if delay:
+            # Repeated failures from this IP: its next answer waits (a timer, the loop
+            # keeps serving everyone else). The handshake timeout still applies.
+            self._loop.call_later(delay, self._check_auth, event.username, event.password)
+            return
+        self._check_auth(event.username, event.password)
+
+    def _check_auth(self, username: bytes, password: bytes) -> None:
+        if self.phase is not Phase.AUTHENTICATING:
+            return  # timed out or closed while the back-off ran
+        assert self._ctx.authenticator is not None
+        self._ctx.authenticator.check(username, password, self._on_auth_verdict)
 
     def _on_auth_verdict(self, ok: bool) -> None:
         if self.phase is not Phase.AUTHENTICATING:
             return  # timed out or closed while scrypt ran
+        limits = self._ctx.limits
+        if ok:
+            limits.auth_succeeded(self._peer_ip)
+        else:
+            limits.auth_failed(self._peer_ip, self._loop.now)
         if not self._write(self._codec.send(AuthStatus(ok))):
             self._client_gone()
             return
@@ -219,6 +242,8 @@ class Session:
         if event.command is not Command.CONNECT:
             self._reply_failure(Reply.COMMAND_NOT_SUPPORTED, "command_not_supported")
             return
+        if not self._admit():
+            return
         self._timer.cancel()
         self._timer = self._loop.call_later(self._ctx.config.timeouts.connect, self._on_timeout)
         if event.address_type is AddressType.DOMAINNAME:
@@ -228,6 +253,26 @@ class Session:
             return
         family = socket.AF_INET6 if event.address_type is AddressType.IPV6 else socket.AF_INET
         self._start_connecting([(family, (event.host, event.port))])
+
+    def _admit(self) -> bool:
+        """Per-user ingress rule and the concurrency/rate limits; False: refused (0x02)."""
+        ctx = self._ctx
+        user = self._user
+        if user is not None:
+            nets = ctx.config.access.users.get(user, _NO_USER).ingress
+            if nets and not access.ingress_allowed(nets, self._ingress_ip):
+                # A customer may only use the IPs leased to them.
+                ctx.counters.refuse("ingress_not_allowed")
+                self._reply_failure(Reply.NOT_ALLOWED, "ingress_not_allowed")
+                return False
+        if not ctx.limits.claims_needed:
+            return True
+        claim = ctx.limits.claim(self._peer_ip, user, self._loop.now)
+        if isinstance(claim, str):
+            self._reply_failure(Reply.NOT_ALLOWED, claim)
+            return False
+        self._claim = claim
+        return True
 
     def _on_resolved(self, addresses: Any, error: BaseException | None) -> None:
         if self.phase is not Phase.RESOLVING:
@@ -242,12 +287,45 @@ class Session:
     def _start_connecting(self, addresses: list[tuple[socket.AddressFamily, Any]]) -> None:
         self._transition(Phase.CONNECTING)
         self._update()
+        addresses = self._allowed(addresses)
+        if not addresses:
+            return
         self._candidates = deque(self._ctx.policy.order_candidates(addresses, self._ingress_ip))
         if not self._candidates:
             # Never leave from another IP than the one the client came in on.
             self._reply_failure(Reply.HOST_UNREACHABLE, "no_egress_for_family")
             return
         self._connect_next()
+
+    def _allowed(
+        self, addresses: list[tuple[socket.AddressFamily, Any]]
+    ) -> list[tuple[socket.AddressFamily, Any]]:
+        """The addresses the destination rules allow; with none, the client is refused.
+
+        Checked on what is actually connected to: a name that resolves to a denied
+        address is denied with it (no DNS-rebinding detour).
+        """
+        ctx = self._ctx
+        user_rules = (
+            ctx.config.access.users.get(self._user, _NO_USER).destinations
+            if self._user is not None
+            else ()
+        )
+        allowed, denied = [], None
+        for family, sockaddr in addresses:
+            verdict = ctx.destinations.check(sockaddr[0], sockaddr[1], self._ingress_ip, user_rules)
+            if verdict is None:
+                allowed.append((family, sockaddr))
+            elif denied is None:
+                denied = (verdict, sockaddr)
+        if not allowed and denied is not None:
+            verdict, sockaddr = denied
+            ctx.counters.refuse("destination_denied")
+            self.log.warning(
+                "destination_denied", address=hostport(sockaddr[0], sockaddr[1]), rule=verdict.rule
+            )
+            self._reply_failure(Reply.NOT_ALLOWED, "destination_denied", rule=verdict.rule)
+        return allowed
 
     def _connect_next(self) -> None:
         while self._candidates:
@@ -299,6 +377,7 @@ class Session:
         counters.replied(Reply.SUCCEEDED)
         counters.tunnels_opened += 1
         client_mask, self._mask = self._mask, 0  # the relay takes the registration over
+        self._claim, claim = None, self._claim  # and the tunnel's place in the limits
         self._ctx.open.discard(self)
         log = self.log.bind(egress=hostport(bound[0], bound[1]))
         log.debug("tunnel_opened")
@@ -315,6 +394,7 @@ class Session:
             registry=self._ctx.open,
             counters=self._ctx.counters,
             lease=lease,
+            claim=claim,
             client_mask=client_mask,
             upstream_mask=EVENT_WRITE,
             pipes=self._ctx.pipes,
@@ -413,6 +493,9 @@ class Session:
             self._mask = 0
         self.client.close()
         self._ctx.open.discard(self)
+        if self._claim is not None:
+            self._claim.release()
+            self._claim = None
 
     # -- plumbing -------------------------------------------------------------------------
 

@@ -185,7 +185,10 @@ def config(listen: list[str], extra: str = "", delays: str = "[0.01, 0.01, 0.01]
     quoted = ", ".join(f'"{a}"' for a in listen)
     return (
         f"listen = [{quoted}]\nworkers = 1\n[timeouts]\nconnect = 5.0\n"
-        f"[egress.retry]\ndelays = {delays}\n{extra}"
+        f"[egress.retry]\ndelays = {delays}\n{extra}\n"
+        # Some labs listen on a wildcard or a ULA inside their namespace: name the
+        # clients (the open-proxy guard refuses a non-loopback listener without rules).
+        '[[access.clients]]\naction = "allow"\nfrom = ["127.0.0.0/8", "::1/128", "fd00::/8"]\n'
     )
 
 

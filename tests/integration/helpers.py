@@ -22,6 +22,11 @@ from pathlib import Path
 from typing import Any
 
 TIMEOUT = 10.0
+LOOPBACK_TARGETS_RULE = """
+[[access.destinations]]
+action = "allow"
+to = ["127.0.0.0/8", "::1/128"]
+"""
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -34,12 +39,17 @@ class Socksd:
         tmp: Path,
         extra_args: tuple[str, ...] = (),
         prefix: tuple[str, ...] = (),
+        allow_loopback_targets: bool = True,
     ) -> None:
         stamp = time.monotonic_ns()
         self.config_path = tmp / f"socksd-{stamp}.toml"
         self.control_path = tmp / f"control-{stamp}.sock"
         if "[control]" not in config_text:
             config_text += f'\n[control]\nsocket = "{self.control_path}"\n'
+        if allow_loopback_targets:
+            # Tests reach their targets on loopback, which socksd denies by default: they
+            # opt in explicitly, after any rule of their own (first match wins).
+            config_text += LOOPBACK_TARGETS_RULE
         self.config_path.write_text(config_text)
         self.events: list[dict[str, Any]] = []
         self.raw: list[str] = []

@@ -103,7 +103,7 @@ EMPTY: dict[str, Any] = {
 # The families the brief asks for, by name (without the prefix).
 BRIEF_NAMES = """
 accepted_total tunnels_opened_total tunnels_closed_total bytes_up_total bytes_down_total
-handshake_failures_total replies_total egress_errors_total egress_retries_total
+handshake_failures_total refused_total replies_total egress_errors_total egress_retries_total
 egress_rescued_total egress_exhausted_total stats_dropped_lines_total open_tunnels
 open_sessions worker_up worker_restarts_total
 generation workers_wanted uptime_seconds ephemeral_ports

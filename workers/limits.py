@@ -1,0 +1,168 @@
+"""A worker's concurrency and rate limits, and its failed-login back-off.
+
+Owns: open-tunnel counts per client IP and per user, the per-user token buckets, the
+failed-login record per client IP, and the rate-limited `limit_reached` log event.
+Must not: touch sockets; the acceptor and the sessions ask, then act.
+
+Workers share nothing, so every figure is this worker's own: a per-IP limit of 10
+with 4 workers lets one IP hold up to 10 per worker that its connections land on
+(SO_REUSEPORT hashes each connection, so in practice its share of 40). The README's
+Security section says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from socksd.config import Config, UserAccess
+from workers.reporter import WorkerCounters
+
+_NO_USER = UserAccess()
+_LOG_INTERVAL = 10.0  # seconds between `limit_reached` lines per limit
+_FAILURE_MEMORY = 600.0  # a client IP's failed logins are forgotten after this quiet time
+_MAX_TRACKED = 65536  # client IPs with failed logins kept at most (oldest dropped)
+
+
+class _Bucket:
+    """Token bucket: `rate` tokens a second, at most `burst` saved up."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate = rate
+        self.burst = float(max(burst, 1))
+        self.tokens = self.burst
+        self.stamp = now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+@dataclass(slots=True)
+class _Failures:
+    count: int
+    last: float
+
+
+class Claim:
+    """One tunnel's place in the per-IP and per-user counts; `release()` once."""
+
+    __slots__ = ("_limits", "ip", "user")
+
+    def __init__(self, limits: Limits, ip: str | None, user: str | None) -> None:
+        self._limits = limits
+        self.ip = ip
+        self.user = user
+
+    def release(self) -> None:
+        limits, self._limits = self._limits, None  # type: ignore[assignment]
+        if limits is not None:
+            limits._release(self)
+
+
+class Limits:
+    """Per-worker limit state. `enabled` is False when nothing is limited, so the hot
+    path asks nothing."""
+
+    def __init__(self, config: Config, log: Any, counters: WorkerCounters) -> None:
+        self._cfg = config.limits
+        self._users = config.access.users
+        self.max_tunnels = config.worker_tunnel_limit()
+        self._per_ip: dict[str, int] = {}
+        self._per_user: dict[str, int] = {}
+        self._buckets: dict[str, _Bucket] = {}
+        self._failures: dict[str, _Failures] = {}
+        self._log = log
+        self._last_logged: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        self._counters = counters
+        per_user = self._cfg.max_tunnels_per_user or self._cfg.user_rate
+        self.claims_needed = bool(
+            self._cfg.max_tunnels_per_client_ip
+            or per_user
+            or any(u.max_tunnels or u.rate for u in self._users.values())
+        )
+
+    # -- concurrent tunnels and rates ------------------------------------------------
+
+    def claim(self, client_ip: str, user: str | None, now: float) -> Claim | str:
+        """A Claim for a new tunnel, or the reason it is refused."""
+        cfg = self._cfg
+        ip_limit = cfg.max_tunnels_per_client_ip
+        if ip_limit and self._per_ip.get(client_ip, 0) >= ip_limit:
+            return self.refuse("client_ip_tunnel_limit", now, client_ip=client_ip)
+        if user is not None:
+            ua = self._users.get(user, _NO_USER)
+            user_limit = ua.max_tunnels or cfg.max_tunnels_per_user
+            if user_limit and self._per_user.get(user, 0) >= user_limit:
+                return self.refuse("user_tunnel_limit", now, user=user)
+            rate = ua.rate or cfg.user_rate
+            if rate:
+                bucket = self._buckets.get(user)
+                if bucket is None:
+                    burst = ua.burst or cfg.user_burst or max(1, int(rate))
+                    bucket = self._buckets[user] = _Bucket(rate, burst, now)
+                if not bucket.take(now):
+                    return self.refuse("user_rate_limit", now, user=user)
+            self._per_user[user] = self._per_user.get(user, 0) + 1
+        self._per_ip[client_ip] = self._per_ip.get(client_ip, 0) + 1
+        return Claim(self, client_ip, user)
+
+    def _release(self, claim: Claim) -> None:
+        for table, key in ((self._per_ip, claim.ip), (self._per_user, claim.user)):
+            if key is None:
+                continue
+            left = table.get(key, 0) - 1
+            if left > 0:
+                table[key] = left
+            else:
+                table.pop(key, None)
+
+    def refuse(self, reason: str, now: float, event: str = "limit_reached", **fields: Any) -> str:
+        """Count a refusal (stats: refused) and log `event` at most once per interval per
+        reason, with how many were not logged since the last line."""
+        self._counters.refuse(reason)
+        last = self._last_logged.get(reason)
+        if last is not None and now - last < _LOG_INTERVAL:
+            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
+            return reason
+        self._last_logged[reason] = now
+        suppressed = self._suppressed.pop(reason, 0)
+        self._log.warning(event, reason=reason, suppressed=suppressed, **fields)
+        return reason
+
+    # -- failed logins ---------------------------------------------------------------
+
+    def auth_delay(self, client_ip: str, now: float) -> float:
+        """Seconds to hold this client's next verdict: 0 until `auth_failures` failures,
+        then `auth_backoff` doubling per further failure, at most `auth_backoff_max`."""
+        rec = self._failures.get(client_ip)
+        if rec is None:
+            return 0.0
+        if now - rec.last > _FAILURE_MEMORY:
+            del self._failures[client_ip]
+            return 0.0
+        over = rec.count - self._cfg.auth_failures
+        if over < 0:
+            return 0.0
+        return float(min(self._cfg.auth_backoff * 2 ** min(over, 30), self._cfg.auth_backoff_max))
+
+    def auth_failed(self, client_ip: str, now: float) -> int:
+        """Record a failed login; returns the client IP's failures so far."""
+        rec = self._failures.get(client_ip)
+        if rec is None:
+            if len(self._failures) >= _MAX_TRACKED:
+                self._failures.pop(next(iter(self._failures)))
+            rec = self._failures[client_ip] = _Failures(0, now)
+        rec.count += 1
+        rec.last = now
+        return rec.count
+
+    def auth_succeeded(self, client_ip: str) -> None:
+        self._failures.pop(client_ip, None)
