@@ -10,6 +10,7 @@ import pytest
 
 from socksd.config import (
     Config,
+    LimitsConfig,
     ListenAddress,
     load_config,
     parse_config,
@@ -43,6 +44,14 @@ def test_example_config_is_valid():
     config = load_config(REPO / "etc" / "socksd.toml")
     assert config.listen == (ListenAddress("127.0.0.1", 1080),)
     assert config.log.level == "info"
+    # The documented defaults are the real ones.
+    assert config.limits == LimitsConfig() and not config.access.allow_open_proxy
+
+
+def test_try_local_config_opens_loopback_destinations_only():
+    config = load_config(REPO / "etc" / "try-local.toml")
+    (rule,) = config.access.destinations
+    assert rule.action == "allow" and config.loopback_only
 
 
 def test_full_config():
