@@ -158,9 +158,12 @@ class Relay:
         self._timer: Timer = loop.call_later(idle_timeout, self._check_idle)
         for side in (self.client, self.upstream):
             if side.pending:
-                self.flush(side)
-                if self.closed:
-                    return
+                # The SOCKS reply and the client's early payload: usually sent whole at
+                # once; whatever is left waits for EVENT_WRITE like any partial send.
+                sent = self._send(side, side.pending)
+                if sent is None:
+                    return  # aborted
+                side.pending = side.pending[sent:]
         self._update(self.client)
         self._update(self.upstream)
 

@@ -98,6 +98,7 @@ class Session:
         "_eof",
         "_claim",
         "_peer_ip",
+        "_deadline",
     )
 
     def __init__(
@@ -123,6 +124,7 @@ class Session:
         self._user: str | None = None
         self._claim: Claim | None = None  # this tunnel's place in per-IP/per-user counts
         self._peer_ip: str = peer[0]
+        self._deadline = 0.0  # when the connect phase times out (set with the request)
         self._eof = False  # FIN read, or early data while connecting: stop polling reads
         self._timer = self._loop.call_later(ctx.config.timeouts.handshake, self._on_timeout)
         ctx.open.add(self)
@@ -244,8 +246,13 @@ class Session:
             return
         if not self._admit():
             return
-        self._timer.cancel()
-        self._timer = self._loop.call_later(self._ctx.config.timeouts.connect, self._on_timeout)
+        connect_by = self._loop.now + self._ctx.config.timeouts.connect
+        if connect_by < self._timer.when:
+            self._timer.cancel()
+            self._timer = self._loop.call_later(self._ctx.config.timeouts.connect, self._on_timeout)
+        # Else the handshake timer fires first and re-arms for the rest (_on_timeout):
+        # most tunnels are connected long before, so this saves a timer per tunnel.
+        self._deadline = connect_by
         if event.address_type is AddressType.DOMAINNAME:
             self._transition(Phase.RESOLVING)
             self._update()
@@ -406,6 +413,10 @@ class Session:
         if self.phase in (Phase.HANDSHAKE, Phase.AUTHENTICATING):
             self._handshake_failed("handshake_timeout", drain=False)
         elif self.phase in (Phase.RESOLVING, Phase.CONNECTING):
+            left = self._deadline - self._loop.now
+            if left > 0:  # the handshake's timer: the connect deadline is later
+                self._timer = self._loop.call_later(left, self._on_timeout)
+                return
             self._reply_failure(Reply.TTL_EXPIRED, "connect_timeout")
         elif self.phase is Phase.DRAINING:
             self._finish()
