@@ -29,6 +29,7 @@ from workers.context import WorkerContext
 from workers.limits import Limits
 from workers.loop import EVENT_READ, Loop
 from workers.pressure import PortPressure
+from workers.relay import IdleSweep
 from workers.reporter import Reporter, WorkerCounters
 from workers.resolver import Resolver
 
@@ -81,6 +82,7 @@ class Worker:
         )
         if not config.relay_splice:
             self.ctx.pipes = None
+        IdleSweep(loop, self.ctx.open, config.timeouts.idle)
         self.reporter = Reporter(
             loop,
             stats_fd,

@@ -397,7 +397,6 @@ class Session:
             to_upstream=self._codec.trailing_data,
             log=log,
             started=self._started,
-            idle_timeout=self._ctx.config.timeouts.idle,
             registry=self._ctx.open,
             counters=self._ctx.counters,
             lease=lease,
