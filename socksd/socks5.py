@@ -51,7 +51,9 @@ __all__ = [
     "Socks5ServerConnection",
     "State",
     "UserPassAuth",
+    "check_domain",
     "choose_method",
+    "encode_address",
 ]
 
 SOCKS_VERSION: Final = 0x05  # RFC 1928 §3: VER is X'05' in every message.
@@ -214,6 +216,7 @@ class CommandReply:
     reply: Reply
     address: str | None = None
     port: int = 0
+    interim: bool = False  # BIND's first reply: the final one follows (RFC 1928 section 4)
 
 
 ServerMessage: TypeAlias = MethodSelection | AuthStatus | CommandReply
@@ -263,7 +266,7 @@ def _ipv4_packed(text: str) -> bytes | None:
     return octets
 
 
-def _encode_address(address: str | None) -> bytes:
+def encode_address(address: str | None) -> bytes:
     """Encode ATYP + BND.ADDR (RFC 1928 §5)."""
     if address is None:
         return bytes([AddressType.IPV4]) + bytes(4)
@@ -276,7 +279,7 @@ def _encode_address(address: str | None) -> bytes:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
-        raw = _check_domain(address.encode()) if address.isascii() else None
+        raw = check_domain(address.encode()) if address.isascii() else None
         if raw is None:
             raise LocalProtocolError(f"bad BND.ADDR {address!r}") from None
         return bytes([AddressType.DOMAINNAME, len(raw)]) + raw
@@ -286,7 +289,7 @@ def _encode_address(address: str | None) -> bytes:
 
 def _encode_reply(reply: Reply, address: str | None = None, port: int = 0) -> bytes:
     """Encode VER REP RSV ATYP BND.ADDR BND.PORT (RFC 1928 §6)."""
-    return bytes([SOCKS_VERSION, reply, 0x00]) + _encode_address(address) + port.to_bytes(2, "big")
+    return bytes([SOCKS_VERSION, reply, 0x00]) + encode_address(address) + port.to_bytes(2, "big")
 
 
 # RFC 1928 §3: X'FF' tells the client to close; the answer to a greeting we
@@ -318,7 +321,7 @@ _OVERFLOW_REPLY: Final[Mapping[State, bytes]] = {
 _Parser: TypeAlias = Callable[[bytearray], tuple[Event, int] | None]
 
 
-def _check_domain(raw: bytes) -> bytes | None:
+def check_domain(raw: bytes) -> bytes | None:
     """Return ``raw`` if it is a usable DOMAINNAME, else None.
 
     RFC 1928 §5 gives only a length octet. Restricting to printable ASCII
@@ -413,7 +416,7 @@ def _parse_request(buf: bytearray) -> tuple[Event, int] | None:
         host = "%d.%d.%d.%d" % (raw[0], raw[1], raw[2], raw[3])  # noqa: UP031 - hot path
     elif atyp is AddressType.IPV6:
         host = ipaddress.IPv6Address(raw).compressed
-    elif _check_domain(raw) is None:
+    elif check_domain(raw) is None:
         reply = _encode_reply(Reply.HOST_UNREACHABLE)
         raise ProtocolError("bad_domain_name", reply)
     else:
@@ -443,7 +446,7 @@ _TRANSITIONS: Final[Mapping[State, frozenset[State]]] = {
     State.AUTH: frozenset({State.SEND_AUTH_STATUS, State.CLOSED, State.ERROR}),
     State.SEND_AUTH_STATUS: frozenset({State.REQUEST, State.CLOSED, State.ERROR}),
     State.REQUEST: frozenset({State.SEND_REPLY, State.CLOSED, State.ERROR}),
-    State.SEND_REPLY: frozenset({State.RELAYING, State.CLOSED, State.ERROR}),
+    State.SEND_REPLY: frozenset({State.SEND_REPLY, State.RELAYING, State.CLOSED, State.ERROR}),
     State.RELAYING: frozenset({State.ERROR}),
     State.CLOSED: frozenset(),
     State.ERROR: frozenset(),
@@ -636,9 +639,12 @@ class Socks5ServerConnection:
         port = message.port
         if not isinstance(port, int) or not 0 <= port <= 0xFFFF:
             raise LocalProtocolError(f"bad BND.PORT {port!r}")
+        if message.interim and reply is not Reply.SUCCEEDED:
+            raise LocalProtocolError("an interim reply must be a success")
         data = _encode_reply(reply, message.address, port)
         if reply is Reply.SUCCEEDED:
-            return data, State.RELAYING
+            # BIND's first reply keeps the codec here: the final one follows.
+            return data, State.SEND_REPLY if message.interim else State.RELAYING
         # RFC 1928 §6: after a failure reply the server closes the connection.
         return data, State.CLOSED
 

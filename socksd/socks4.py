@@ -1,0 +1,157 @@
+"""Sans-IO SOCKS4 and SOCKS4a server codec.
+
+Owns: parsing a SOCKS4 request (with 4a's hostname form) into the same
+`CommandRequest` event the SOCKS5 codec produces, and encoding replies given as the
+same `CommandReply` messages (REP 0x00 becomes 90 "granted", any other 91
+"rejected or failed"), so the session drives both protocols alike.
+Must not: do I/O or decide policy (whether a USERID is acceptable).
+
+    request: VN=4 | CD (1 CONNECT, 2 BIND) | DSTPORT (2) | DSTIP (4) | USERID | NUL
+             4a: DSTIP = 0.0.0.x (x != 0), then HOSTNAME | NUL
+    reply:   VN=0 | CD (90..93) | DSTPORT (2) | DSTIP (4)
+
+SOCKS4 has one request and one reply (two for BIND); there is no greeting and no
+password. The USERID is kept in `userid`.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+from socksd.socks5 import (
+    NEED_DATA,
+    AddressType,
+    Command,
+    CommandReply,
+    CommandRequest,
+    ConnectionClosed,
+    LocalProtocolError,
+    NeedData,
+    ProtocolError,
+    Reply,
+    ServerMessage,
+    State,
+    check_domain,
+)
+
+SOCKS4_VERSION: Final = 0x04
+GRANTED: Final = 90
+REJECTED: Final = 91
+MAX_FIELD: Final = 255  # USERID and HOSTNAME: longer is refused (no RFC gives a limit)
+_COMMANDS: Final = {1: Command.CONNECT, 2: Command.BIND}
+_REJECT: Final = bytes([0, REJECTED, 0, 0, 0, 0, 0, 0])
+
+
+def _encode(code: int, address: str | None, port: int) -> bytes:
+    octets = b"\x00\x00\x00\x00"
+    if address is not None and ":" not in address:
+        parts = address.split(".")
+        if len(parts) == 4 and all(p.isdigit() and int(p) < 256 for p in parts):
+            octets = bytes(int(p) for p in parts)
+    return bytes([0, code]) + port.to_bytes(2, "big") + octets
+
+
+class Socks4ServerConnection:
+    """One SOCKS4/4a client's request and reply(ies); same shape as the SOCKS5 codec."""
+
+    def __init__(self, max_buffer: int = 65536) -> None:
+        self._max_buffer = max_buffer
+        self._buffer = bytearray()
+        self._state = State.REQUEST
+        self._eof = False
+        self.userid = b""
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def trailing_data(self) -> bytes:
+        return bytes(self._buffer)
+
+    def receive_data(self, data: bytes) -> None:
+        if self._state is State.ERROR:
+            raise ProtocolError("already_failed", _REJECT)
+        if not data:
+            self._eof = True
+            return
+        if self._state is State.CLOSED:
+            return
+        if len(self._buffer) + len(data) > self._max_buffer:
+            self._state = State.ERROR
+            raise ProtocolError("buffer_overflow", _REJECT)
+        self._buffer += data
+
+    def next_event(self) -> CommandRequest | ConnectionClosed | Literal[NeedData.NEED_DATA]:
+        if self._state is not State.REQUEST:
+            if self._state in (State.SEND_REPLY, State.RELAYING):
+                return NEED_DATA
+            raise LocalProtocolError(f"next_event() in {self._state.name}")
+        try:
+            parsed = self._parse()
+        except ProtocolError:
+            self._state = State.ERROR
+            raise
+        if parsed is None:
+            if not self._eof:
+                return NEED_DATA
+            self._buffer.clear()
+            self._state = State.CLOSED
+            return ConnectionClosed()
+        event, consumed = parsed
+        del self._buffer[:consumed]
+        self._state = State.SEND_REPLY
+        return event
+
+    def _parse(self) -> tuple[CommandRequest, int] | None:
+        buf = self._buffer
+        if not buf:
+            return None
+        if buf[0] != SOCKS4_VERSION:
+            raise ProtocolError("bad_version", b"")
+        if len(buf) < 2:
+            return None
+        command = _COMMANDS.get(buf[1])
+        if command is None:
+            raise ProtocolError("unknown_command", _REJECT)
+        if len(buf) < 9:
+            return None
+        port = (buf[2] << 8) | buf[3]
+        ip = bytes(buf[4:8])
+        end = buf.find(b"\x00", 8, 8 + MAX_FIELD + 1)
+        if end < 0:
+            if len(buf) > 8 + MAX_FIELD:
+                raise ProtocolError("userid_too_long", _REJECT)
+            return None
+        userid = bytes(buf[8:end])
+        if ip[:3] == b"\x00\x00\x00" and ip[3] != 0:
+            # SOCKS4a: the client could not resolve the name; it follows the USERID.
+            name_end = buf.find(b"\x00", end + 1, end + 2 + MAX_FIELD)
+            if name_end < 0:
+                if len(buf) > end + 1 + MAX_FIELD:
+                    raise ProtocolError("bad_domain_name", _REJECT)
+                return None
+            raw = bytes(buf[end + 1 : name_end])
+            if check_domain(raw) is None:
+                raise ProtocolError("bad_domain_name", _REJECT)
+            self.userid = userid
+            request = CommandRequest(command, AddressType.DOMAINNAME, raw.decode("ascii"), port)
+            return request, name_end + 1
+        self.userid = userid
+        host = "%d.%d.%d.%d" % (ip[0], ip[1], ip[2], ip[3])  # noqa: UP031
+        return CommandRequest(command, AddressType.IPV4, host, port), end + 1
+
+    def send(self, message: ServerMessage) -> bytes:
+        """Encode a `CommandReply` (SOCKS5 REP values) as a SOCKS4 reply; an `interim`
+        one (BIND's first) leaves the codec waiting for the final reply."""
+        if not isinstance(message, CommandReply) or self._state is not State.SEND_REPLY:
+            raise LocalProtocolError(f"cannot send {message!r} in {self._state.name}")
+        ok = message.reply == Reply.SUCCEEDED
+        if message.interim and not ok:
+            raise LocalProtocolError("an interim reply must be a success")
+        data = _encode(GRANTED if ok else REJECTED, message.address, message.port)
+        if not ok:
+            self._state = State.CLOSED
+        elif not message.interim:
+            self._state = State.RELAYING
+        return data
