@@ -58,6 +58,8 @@ class Timeouts:
     handshake: float = 10.0
     connect: float = 10.0
     idle: float = 300.0
+    bind: float = 60.0  # BIND: how long the listener waits for the expected peer
+    udp_idle: float = 120.0  # UDP ASSOCIATE: an association with no datagram this long ends
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +184,7 @@ class Config:
     relay_splice: bool = True
     access: AccessConfig = field(default_factory=AccessConfig)
     limits: LimitsConfig = LimitsConfig()
+    protocols: frozenset[str] = frozenset({"socks5"})
     source: str = "<embedded default>"
 
     @property
@@ -490,6 +493,13 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     if len(set(listen)) != len(listen):
         raise ConfigError("listen: an address is listed twice")
     workers = _parse_workers(root.get("workers", "auto"))
+    protocols_raw = root.get("protocols", ["socks5"])
+    if (
+        not isinstance(protocols_raw, list)
+        or not protocols_raw
+        or any(p not in ("socks5", "socks4") for p in protocols_raw)
+    ):
+        raise ConfigError('protocols: a non-empty list of "socks5" and "socks4"')
 
     tt = root.table("timeouts")
     default = Timeouts()
@@ -497,6 +507,8 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         handshake=tt.number("handshake", default.handshake),
         connect=tt.number("connect", default.connect),
         idle=tt.number("idle", default.idle),
+        bind=tt.number("bind", default.bind),
+        udp_idle=tt.number("udp_idle", default.udp_idle),
     )
     tt.done()
 
@@ -567,6 +579,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         relay_splice=splice,
         access=access_config,
         limits=limits,
+        protocols=frozenset(protocols_raw),
         source=source,
     )
     check_open_proxy(config)

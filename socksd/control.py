@@ -271,11 +271,12 @@ def format_table(agg: dict[str, Any]) -> str:
     lines.append(f"egress (ephemeral ports P = {eg['ephemeral_ports']})")
     lines.append(
         f"{'egress ip':<40} {'open':>7} {'ok':>10} {'exhausted':>9} {'retries':>8} {'rescued':>8}"
+        f" {'udp':>5}"
     )
     for ip in eg["ips"]:
         lines.append(
             f"{ip['ip']:<40} {ip['open']:>7} {ip['succeeded']:>10} "
-            f"{ip['exhausted']:>9} {ip['retries']:>8} {ip['rescued']:>8}"
+            f"{ip['exhausted']:>9} {ip['retries']:>8} {ip['rescued']:>8} {ip.get('udp_open', 0):>5}"
         )
     tw = {(r["egress_ip"], r["target"]): r["count"] for r in eg["time_wait"]["by_pair"]}
     lines += [

@@ -40,6 +40,16 @@ _WORKER_COUNTERS: tuple[tuple[str, Family], ...] = (
     ("bytes_up", Family("bytes_up_total", "counter", "Bytes relayed client to target.")),
     ("bytes_down", Family("bytes_down_total", "counter", "Bytes relayed target to client.")),
     (
+        "udp_datagrams_up",
+        Family("udp_datagrams_up_total", "counter", "UDP datagrams relayed client to target."),
+    ),
+    (
+        "udp_datagrams_down",
+        Family("udp_datagrams_down_total", "counter", "UDP datagrams relayed target to client."),
+    ),
+    ("udp_bytes_up", Family("udp_bytes_up_total", "counter", "UDP payload bytes, up.")),
+    ("udp_bytes_down", Family("udp_bytes_down_total", "counter", "UDP payload bytes, down.")),
+    (
         "retries",
         Family(
             "egress_retries_total",
@@ -90,6 +100,11 @@ _WORKER_LABELLED: tuple[tuple[str, str, Family], ...] = (
         ),
     ),
     (
+        "udp_dropped",
+        "reason",
+        Family("udp_dropped_total", "counter", "UDP datagrams dropped, by reason."),
+    ),
+    (
         "replies",
         "code",
         Family("replies_total", "counter", "SOCKS5 replies sent, by reply code (RFC 1928 6)."),
@@ -120,6 +135,14 @@ _EPHEMERAL = Family(
 
 _IP_FIELDS: tuple[tuple[str, Family], ...] = (
     ("open", Family("egress_open_sockets", "gauge", "Open upstream sockets per egress IP.")),
+    (
+        "udp_open",
+        Family(
+            "egress_udp_sockets",
+            "gauge",
+            "UDP ASSOCIATE sockets per egress IP (each holds one local UDP port).",
+        ),
+    ),
     (
         "attempted",
         Family(

@@ -24,6 +24,7 @@ class EgressIpStats:
     exhausted: int = 0  # tunnels refused because no 4-tuple was free
     retries: int = 0  # connect() attempts repeated after EADDRNOTAVAIL
     rescued: int = 0  # tunnels that succeeded after at least one retry
+    udp_open: int = 0  # UDP ASSOCIATE egress sockets: one local UDP port each
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +154,7 @@ class WorkerView:
                 self._pending = {}
 
 
-_IP_FIELDS = ("open", "attempted", "succeeded", "exhausted", "retries", "rescued")
+_IP_FIELDS = ("open", "attempted", "succeeded", "exhausted", "retries", "rescued", "udp_open")
 
 
 def aggregate_egress(views: list[WorkerView], top: int = 20) -> dict[str, Any]:

@@ -37,6 +37,7 @@ class IpCounters:
         "exhausted",
         "retries",
         "rescued",
+        "udp_open",
         "window",
         "next_bind_log",
     )
@@ -51,6 +52,7 @@ class IpCounters:
         self.exhausted = 0
         self.retries = 0
         self.rescued = 0
+        self.udp_open = 0  # UDP association sockets bound to this IP (one port each)
         self.next_bind_log = 0.0
 
     def fail(self, errno_name: str) -> None:
@@ -214,6 +216,7 @@ class PortPressure:
                 exhausted=c.exhausted,
                 retries=c.retries,
                 rescued=c.rescued,
+                udp_open=c.udp_open,
             )
             for c in self.ips.values()
         )

@@ -35,6 +35,11 @@ class WorkerCounters:
         "bytes_down",
         "handshake_failures",
         "refused",
+        "udp_datagrams_up",
+        "udp_datagrams_down",
+        "udp_bytes_up",
+        "udp_bytes_down",
+        "udp_dropped",
         "replies",
         "open_tunnels",
         "dropped_lines",
@@ -48,6 +53,11 @@ class WorkerCounters:
         self.bytes_down = 0
         self.handshake_failures: dict[str, int] = {}
         self.refused: dict[str, int] = {}  # by access rule or limit: reason -> count
+        self.udp_datagrams_up = 0
+        self.udp_datagrams_down = 0
+        self.udp_bytes_up = 0
+        self.udp_bytes_down = 0
+        self.udp_dropped: dict[str, int] = {}  # reason -> datagrams
         self.replies: dict[int, int] = {}
         self.open_tunnels = 0
         self.dropped_lines = 0
@@ -132,6 +142,11 @@ class Reporter:
                     "bytes_down": c.bytes_down,
                     "handshake_failures": c.handshake_failures,
                     "refused": c.refused,
+                    "udp_datagrams_up": c.udp_datagrams_up,
+                    "udp_datagrams_down": c.udp_datagrams_down,
+                    "udp_bytes_up": c.udp_bytes_up,
+                    "udp_bytes_down": c.udp_bytes_down,
+                    "udp_dropped": c.udp_dropped,
                     "replies": {str(k): v for k, v in c.replies.items()},
                     "egress_errors": egress_errors,
                     "retries": retries,

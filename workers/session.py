@@ -19,6 +19,7 @@ from typing import Any
 
 from socksd import access, policy
 from socksd.config import UserAccess, hostport
+from socksd.socks4 import Socks4ServerConnection
 from socksd.socks5 import (
     NEED_DATA,
     AddressType,
@@ -37,11 +38,13 @@ from socksd.socks5 import (
     choose_method,
 )
 from workers import egress
+from workers.bind import BindWaiter
 from workers.context import WorkerContext
 from workers.limits import Claim
 from workers.loop import EVENT_READ, EVENT_WRITE
 from workers.pressure import TargetCounters
 from workers.relay import Relay
+from workers.udp import UdpAssociation
 
 # Largest handshake message is 513 bytes (RFC 1929); the rest of this allowance is for a
 # client's first payload sent before our reply (it is relayed, never dropped).
@@ -58,15 +61,25 @@ class Phase(Enum):
     AUTHENTICATING = auto()
     RESOLVING = auto()
     CONNECTING = auto()
-    RELAYING = auto()
+    BINDING = auto()  # BIND: first reply sent, waiting for the peer
+    RELAYING = auto()  # handed over: to a relay or a UDP association
     DRAINING = auto()
     CLOSED = auto()
 
 
 _ALLOWED: dict[Phase, frozenset[Phase]] = {
     Phase.HANDSHAKE: frozenset(
-        {Phase.AUTHENTICATING, Phase.RESOLVING, Phase.CONNECTING, Phase.DRAINING, Phase.CLOSED}
+        {
+            Phase.AUTHENTICATING,
+            Phase.RESOLVING,
+            Phase.CONNECTING,
+            Phase.BINDING,
+            Phase.RELAYING,
+            Phase.DRAINING,
+            Phase.CLOSED,
+        }
     ),
+    Phase.BINDING: frozenset({Phase.RELAYING, Phase.DRAINING, Phase.CLOSED}),
     Phase.AUTHENTICATING: frozenset({Phase.HANDSHAKE, Phase.DRAINING, Phase.CLOSED}),
     Phase.RESOLVING: frozenset({Phase.CONNECTING, Phase.DRAINING, Phase.CLOSED}),
     Phase.CONNECTING: frozenset({Phase.RELAYING, Phase.DRAINING, Phase.CLOSED}),
@@ -99,6 +112,9 @@ class Session:
         "_claim",
         "_peer_ip",
         "_deadline",
+        "_first_byte",
+        "_socks4",
+        "_bind",
     )
 
     def __init__(
@@ -125,6 +141,9 @@ class Session:
         self._claim: Claim | None = None  # this tunnel's place in per-IP/per-user counts
         self._peer_ip: str = peer[0]
         self._deadline = 0.0  # when the connect phase times out (set with the request)
+        self._first_byte = True  # the first byte read says SOCKS5 or SOCKS4
+        self._socks4 = False
+        self._bind: BindWaiter | None = None
         self._eof = False  # FIN read, or early data while connecting: stop polling reads
         self._timer = self._loop.call_later(ctx.config.timeouts.handshake, self._on_timeout)
         ctx.open.add(self)
@@ -133,6 +152,9 @@ class Session:
     # -- loop callbacks ---------------------------------------------------------------
 
     def on_readable(self) -> None:
+        if self.phase is Phase.BINDING:
+            self._binding_readable()
+            return
         if self.phase in (Phase.RESOLVING, Phase.CONNECTING):
             # Early payload (or EOF) while we connect: leave it in the kernel for the
             # relay, and stop watching until then (level-triggered: it would spin).
@@ -153,6 +175,10 @@ class Session:
         if not data:
             self._eof = True
             self._update()
+        elif self._first_byte:
+            self._first_byte = False
+            if not self._pick_protocol(data[0]):
+                return
         try:
             self._codec.receive_data(data)
         except ProtocolError as exc:
@@ -241,10 +267,15 @@ class Session:
         self.log = self.log.bind(
             target=hostport(event.host, event.port), command=event.command.name.lower()
         )
-        if event.command is not Command.CONNECT:
-            self._reply_failure(Reply.COMMAND_NOT_SUPPORTED, "command_not_supported")
+        if self._socks4 and not self._socks4_user():
             return
         if not self._admit():
+            return
+        if event.command is Command.BIND:
+            self._start_bind(event)
+            return
+        if event.command is Command.UDP_ASSOCIATE:
+            self._start_udp(event)
             return
         connect_by = self._loop.now + self._ctx.config.timeouts.connect
         if connect_by < self._timer.when:
@@ -260,6 +291,141 @@ class Session:
             return
         family = socket.AF_INET6 if event.address_type is AddressType.IPV6 else socket.AF_INET
         self._start_connecting([(family, (event.host, event.port))])
+
+    # -- SOCKS4, BIND, UDP ASSOCIATE -------------------------------------------------------
+
+    def _pick_protocol(self, first: int) -> bool:
+        """The first byte: 5 is SOCKS5, 4 SOCKS4 (when enabled). False: refused."""
+        protocols = self._ctx.config.protocols
+        if first == 4 and "socks4" in protocols:
+            self._socks4 = True
+            self._codec = Socks4ServerConnection(max_buffer=HANDSHAKE_BUFFER)  # type: ignore[assignment]
+            self.log = self.log.bind(protocol="socks4")
+            return True
+        if first == 5 and "socks5" not in protocols:
+            self._handshake_failed("protocol_disabled", drain=False)
+            return False
+        return True  # anything else: the SOCKS5 codec names the error
+
+    def _socks4_user(self) -> bool:
+        """SOCKS4 has no password: with auth on, the USERID must name a configured user
+        (identification, not authentication; see the README). False: refused."""
+        assert isinstance(self._codec, Socks4ServerConnection)
+        userid = self._codec.userid.decode("utf-8", "replace")
+        if self._ctx.authenticator is None:
+            return True
+        if userid not in self._ctx.config.auth.users:
+            self._reply_failure(Reply.NOT_ALLOWED, "socks4_unknown_user", user=userid)
+            return False
+        self._user = userid
+        self.log = self.log.bind(user=userid)
+        return True
+
+    def _start_bind(self, event: CommandRequest) -> None:
+        """Listen on the ingress-matched IP; first reply now, the second with the peer."""
+        if event.address_type is AddressType.DOMAINNAME:
+            # The expected peer is named by address: a name would need a lookup whose
+            # answer the peer's address may not match anyway.
+            self._reply_failure(Reply.ADDRESS_TYPE_NOT_SUPPORTED, "bind_needs_address")
+            return
+        family = socket.AF_INET6 if ":" in self._ingress_ip else socket.AF_INET
+        source = self._ctx.policy.source(self._ingress_ip, family)
+        if source is None:
+            self._reply_failure(Reply.HOST_UNREACHABLE, "no_egress_for_family")
+            return
+        expected = None if event.host in ("0.0.0.0", "::") else policy.normalize_ip(event.host)
+        try:
+            self._bind = BindWaiter(self._ctx, self, source, expected)
+        except OSError as exc:
+            self._reply_failure(
+                Reply.GENERAL_FAILURE, "bind_failed", errno=egress.errno_name(exc.errno or 0)
+            )
+            return
+        host, port = self._bind.address
+        self._transition(Phase.BINDING)
+        self._timer.cancel()
+        self._timer = self._loop.call_later(self._ctx.config.timeouts.bind, self._on_timeout)
+        self.log = self.log.bind(bind=hostport(host, port))
+        reply = self._codec.send(CommandReply(Reply.SUCCEEDED, host, port, interim=True))
+        if not self._write(reply):
+            self._client_gone()
+
+    def _binding_readable(self) -> None:
+        """While BINDING: a FIN ends the wait; payload stays in the kernel for the relay."""
+        try:
+            data = self.client.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._end_quietly(f"client_{type(exc).__name__}")
+            return
+        if not data:
+            self._reply_failure(Reply.GENERAL_FAILURE, "client_closed")
+            return
+        self._eof = True  # stop watching until the relay takes over (level-triggered)
+        self._update()
+
+    def on_bind_accepted(self, peer: socket.socket, address: tuple[Any, ...]) -> None:
+        self._bind = None
+        verdict = self._ctx.destinations.check(
+            address[0], address[1], self._ingress_ip, self._user_rules()
+        )
+        if verdict is not None:
+            peer.close()
+            self._ctx.counters.refuse("destination_denied")
+            self.log.warning(
+                "destination_denied", address=hostport(address[0], address[1]), rule=verdict.rule
+            )
+            self._reply_failure(Reply.NOT_ALLOWED, "destination_denied", rule=verdict.rule)
+            return
+        # The final reply names the peer that connected (RFC 1928 section 4).
+        self._relay(peer, (policy.normalize_ip(address[0]), address[1]), None, 0)
+
+    def _start_udp(self, event: CommandRequest) -> None:
+        """Open the association's relay socket on the ingress IP and hand over."""
+        family = socket.AF_INET6 if ":" in self._ingress_ip else socket.AF_INET
+        relay = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        try:
+            relay.bind((self._ingress_ip, 0))
+        except OSError as exc:
+            relay.close()
+            self._reply_failure(
+                Reply.GENERAL_FAILURE, "udp_bind_failed", errno=egress.errno_name(exc.errno or 0)
+            )
+            return
+        host, port = relay.getsockname()[:2]
+        self._timer.cancel()
+        self._transition(Phase.RELAYING)
+        reply = self._codec.send(CommandReply(Reply.SUCCEEDED, host, port))
+        counters = self._ctx.counters
+        counters.replied(Reply.SUCCEEDED)
+        counters.tunnels_opened += 1
+        self._ctx.open.discard(self)
+        client_mask, self._mask = self._mask, 0
+        self._claim, claim = None, self._claim
+        announced = event.host if event.address_type is not AddressType.DOMAINNAME else ""
+        assoc = UdpAssociation(
+            self._ctx,
+            self.client,
+            client_mask,
+            relay,
+            log=self.log.bind(udp_relay=hostport(host, port)),
+            started=self._started,
+            ingress_ip=self._ingress_ip,
+            client_ip=policy.normalize_ip(self._peer_ip),
+            announced=(announced, event.port),
+            user_rules=self._user_rules(),
+            claim=claim,
+        )
+        try:
+            self.client.send(self._out + reply)
+        except OSError:
+            assoc.close("client_gone")
+
+    def _user_rules(self) -> tuple[access.Rule, ...]:
+        if self._user is None:
+            return ()
+        return self._ctx.config.access.users.get(self._user, _NO_USER).destinations
 
     def _admit(self) -> bool:
         """Per-user ingress rule and the concurrency/rate limits; False: refused (0x02)."""
@@ -313,11 +479,7 @@ class Session:
         address is denied with it (no DNS-rebinding detour).
         """
         ctx = self._ctx
-        user_rules = (
-            ctx.config.access.users.get(self._user, _NO_USER).destinations
-            if self._user is not None
-            else ()
-        )
+        user_rules = self._user_rules()
         allowed, denied = [], None
         for family, sockaddr in addresses:
             verdict = ctx.destinations.check(sockaddr[0], sockaddr[1], self._ingress_ip, user_rules)
@@ -376,9 +538,19 @@ class Session:
 
     def on_egress_connected(self, upstream: socket.socket, lease: TargetCounters) -> None:
         self._connector = None
+        bound = upstream.getsockname()
+        self._relay(upstream, bound, lease, EVENT_WRITE)
+
+    def _relay(
+        self,
+        upstream: socket.socket,
+        bound: tuple[Any, ...],
+        lease: TargetCounters | None,
+        upstream_mask: int,
+    ) -> None:
+        """Send the final success reply (BND = `bound`) and hand both sockets over."""
         self._timer.cancel()
         self._transition(Phase.RELAYING)
-        bound = upstream.getsockname()
         reply = self._codec.send(CommandReply(Reply.SUCCEEDED, bound[0], bound[1]))
         counters = self._ctx.counters
         counters.replied(Reply.SUCCEEDED)
@@ -402,7 +574,7 @@ class Session:
             lease=lease,
             claim=claim,
             client_mask=client_mask,
-            upstream_mask=EVENT_WRITE,
+            upstream_mask=upstream_mask,
             pipes=self._ctx.pipes,
         )
 
@@ -417,6 +589,8 @@ class Session:
                 self._timer = self._loop.call_later(left, self._on_timeout)
                 return
             self._reply_failure(Reply.TTL_EXPIRED, "connect_timeout")
+        elif self.phase is Phase.BINDING:
+            self._reply_failure(Reply.TTL_EXPIRED, "bind_timeout")
         elif self.phase is Phase.DRAINING:
             self._finish()
 
@@ -425,6 +599,9 @@ class Session:
         if self._connector is not None:
             self._connector.cancel()
             self._connector = None
+        if self._bind is not None:
+            self._bind.cancel()
+            self._bind = None
         delivered = self._write(self._codec.send(CommandReply(reply)))
         self._ctx.counters.replied(reply)
         self.log.info(
@@ -498,6 +675,9 @@ class Session:
         if self._connector is not None:
             self._connector.cancel()
             self._connector = None
+        if self._bind is not None:
+            self._bind.cancel()
+            self._bind = None
         if self._mask:
             self._loop.forget(self.client)  # closed on the next line
             self._mask = 0
@@ -547,7 +727,8 @@ class Session:
         # and connecting the read interest stays (the relay takes it over: two fewer
         # epoll_ctl per tunnel) until the client actually sends something.
         if self.phase is Phase.DRAINING or (
-            self.phase in (Phase.HANDSHAKE, Phase.RESOLVING, Phase.CONNECTING) and not self._eof
+            self.phase in (Phase.HANDSHAKE, Phase.RESOLVING, Phase.CONNECTING, Phase.BINDING)
+            and not self._eof
         ):
             want |= EVENT_READ
         self._mask = self._loop.set_interest(self.client, self._mask, want, self)

@@ -103,13 +103,16 @@ EMPTY: dict[str, Any] = {
 # The families the brief asks for, by name (without the prefix).
 BRIEF_NAMES = """
 accepted_total tunnels_opened_total tunnels_closed_total bytes_up_total bytes_down_total
-handshake_failures_total refused_total replies_total egress_errors_total egress_retries_total
+handshake_failures_total refused_total udp_dropped_total replies_total
+udp_datagrams_up_total udp_datagrams_down_total udp_bytes_up_total udp_bytes_down_total
+egress_errors_total egress_retries_total
 egress_rescued_total egress_exhausted_total stats_dropped_lines_total open_tunnels
 open_sessions worker_up worker_restarts_total
 generation workers_wanted uptime_seconds ephemeral_ports
 egress_open_sockets egress_connects_attempted_total egress_connects_succeeded_total
 egress_connect_failures_total egress_ip_exhausted_total egress_ip_retries_total
 egress_ip_rescued_total
+egress_udp_sockets
 egress_target_open_sockets egress_target_recent_closes egress_target_pressure
 egress_target_exhausted_total
 time_wait_sockets time_wait_pair_sockets time_wait_pair_pressure

@@ -1,0 +1,335 @@
+"""UDP ASSOCIATE (RFC 1928 section 7): one association, from its reply until its end.
+
+Owns: the association's relay socket on the ingress IP (where the client sends), one
+egress UDP socket per target family bound to the ingress-matched egress IP (made on
+the first datagram of that family), the source check, the per-datagram destination
+rules, the counters, and the association's one `tunnel_closed` line.
+Must not: speak the TCP handshake (the session does, and hands over the control
+connection); create TCP sockets.
+
+The association lives as long as the client's TCP control connection: its EOF or
+error ends it, and so does `timeouts.udp_idle` without a datagram either way.
+IP_BIND_ADDRESS_NO_PORT does not apply to UDP: each egress socket binds a port once,
+which the per-IP `udp_open` figure counts.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import Any
+
+from socksd import access, policy
+from socksd.config import hostport
+from socksd.socks5 import AddressType, ProtocolError
+from socksd.socks5_udp import encode_udp_header, parse_udp_datagram
+from workers.context import WorkerContext
+from workers.limits import Claim
+from workers.loop import EVENT_READ, Timer
+from workers.pressure import IpCounters
+
+BURST = 64  # datagrams read per readiness event and socket: one busy peer cannot starve
+_DGRAM = 65535 + 300  # the largest datagram plus any header
+_RESOLVE_QUEUE = 16  # datagrams held per name while it is being resolved
+_NAME_CACHE = 256  # resolved names kept per association
+
+
+class _Handler:
+    """Loop handler for one of the association's sockets."""
+
+    __slots__ = ("assoc", "kind", "sock")
+
+    def __init__(self, assoc: UdpAssociation, kind: str, sock: socket.socket) -> None:
+        self.assoc = assoc
+        self.kind = kind
+        self.sock = sock
+
+    def on_readable(self) -> None:
+        if self.kind == "control":
+            self.assoc.on_control()
+        elif self.kind == "client":
+            self.assoc.from_client()
+        else:
+            self.assoc.from_target(self.sock)
+
+    def on_writable(self) -> None:  # pragma: no cover - registered for read only
+        raise AssertionError("udp socket registered for write")
+
+    def on_crash(self, exc: BaseException) -> None:
+        self.assoc.crash(exc)
+
+
+class UdpAssociation:
+    """The relay of one UDP ASSOCIATE request."""
+
+    def __init__(
+        self,
+        ctx: WorkerContext,
+        control: socket.socket,
+        control_mask: int,
+        relay: socket.socket,
+        *,
+        log: Any,
+        started: float,
+        ingress_ip: str,
+        client_ip: str,
+        announced: tuple[str, int],
+        user_rules: tuple[access.Rule, ...],
+        claim: Claim | None,
+    ) -> None:
+        self._ctx = ctx
+        self._loop = ctx.loop
+        self._log = log
+        self._started = started
+        self._ingress_ip = ingress_ip
+        self._user_rules = user_rules
+        self._claim = claim
+        self.control = control
+        self.relay = relay
+        self._buf = bytearray(_DGRAM)
+        self._view = memoryview(self._buf)
+        # Who may send: the address the client announced; an all-zero part means "not
+        # known yet": the IP of the control connection, the port of the first datagram.
+        host, port = announced
+        unknown = host in ("0.0.0.0", "::") or not host
+        self._want_ip = client_ip if unknown else policy.normalize_ip(host)
+        self._want_port = port
+        self._client: tuple[Any, ...] | None = None  # where replies go, once known
+        self._egress: dict[int, tuple[socket.socket, IpCounters]] = {}
+        self._names: dict[str, str] = {}  # domain -> first allowed IP
+        self._resolving: dict[str, list[tuple[int, bytes]]] = {}
+        self.up = self.down = 0  # datagrams
+        self.bytes_up = self.bytes_down = 0
+        self.dropped: dict[str, int] = {}
+        self.closed = False
+        self._last = self._loop.now
+        self._idle = ctx.config.timeouts.udp_idle
+        self._timer: Timer = self._loop.call_later(self._idle, self._check_idle)
+        # The control connection: take the session's registration over (or make one).
+        handler = _Handler(self, "control", control)
+        if control_mask:
+            self._loop.modify(control, EVENT_READ, handler)
+        else:
+            self._loop.register(control, EVENT_READ, handler)
+        self._loop.register(relay, EVENT_READ, _Handler(self, "client", relay))
+        ctx.open.add(self)
+        ctx.counters.open_tunnels += 1
+
+    # -- client -> targets -------------------------------------------------------------
+
+    def from_client(self) -> None:
+        for _ in range(BURST):
+            try:
+                n, addr = self.relay.recvfrom_into(self._buf)
+            except BlockingIOError:
+                return
+            except OSError:
+                continue  # e.g. ICMP port unreachable reported on the socket
+            if self.closed:
+                return
+            if not self._from_the_client(addr):
+                self._drop("wrong_source")
+                continue
+            try:
+                datagram = parse_udp_datagram(self._view[:n])
+            except ProtocolError as exc:
+                self._drop(exc.reason)
+                continue
+            if datagram.frag:
+                self._drop("fragmented")  # RFC 1928 allows dropping what we do not reassemble
+                continue
+            self._last = self._loop.now
+            if datagram.address_type is AddressType.DOMAINNAME:
+                self._by_name(datagram.host, datagram.port, bytes(datagram.data))
+            else:
+                self._send_out(datagram.host, datagram.port, datagram.data)
+
+    def _from_the_client(self, addr: tuple[Any, ...]) -> bool:
+        if policy.normalize_ip(addr[0]) != self._want_ip:
+            return False
+        if self._want_port and addr[1] != self._want_port:
+            return False
+        if self._client is None:
+            self._client = addr
+            self._want_port = addr[1]  # pinned: the first sender's port from now on
+        return True
+
+    def _by_name(self, host: str, port: int, data: bytes) -> None:
+        ip = self._names.get(host)
+        if ip is not None:
+            self._send_out(ip, port, data)
+            return
+        queue = self._resolving.get(host)
+        if queue is not None:
+            if len(queue) < _RESOLVE_QUEUE:
+                queue.append((port, data))
+            else:
+                self._drop("resolve_queue_full")
+            return
+        self._resolving[host] = [(port, data)]
+        self._ctx.resolver.resolve(host, port, lambda a, e: self._resolved(host, a, e))
+
+    def _resolved(self, host: str, addresses: Any, error: BaseException | None) -> None:
+        queue = self._resolving.pop(host, [])
+        if self.closed:
+            return
+        families = {socket.AF_INET: 0, socket.AF_INET6: 1}
+        ordered = sorted(addresses or [], key=lambda a: families.get(a[0], 2))
+        if error is not None or not ordered:
+            for _ in queue:
+                self._drop("name_not_resolved")
+            return
+        ip = ordered[0][1][0]
+        if len(self._names) >= _NAME_CACHE:
+            self._names.clear()
+        self._names[host] = ip
+        for port, data in queue:
+            self._send_out(ip, port, data)
+
+    def _send_out(self, ip: str, port: int, data: bytes | memoryview) -> None:
+        ctx = self._ctx
+        verdict = ctx.destinations.check(ip, port, self._ingress_ip, self._user_rules)
+        if verdict is not None:
+            self._drop("destination_denied")
+            ctx.limits.refuse(
+                "udp_destination_denied",
+                self._loop.now,
+                "destination_denied",
+                address=hostport(ip, port),
+                rule=verdict.rule,
+            )
+            return
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        egress = self._egress.get(family) or self._open_egress(family)
+        if egress is None:
+            return
+        try:
+            egress[0].sendto(data, (ip, port))
+        except BlockingIOError:
+            self._drop("egress_busy")  # UDP may drop; we never queue without bound
+            return
+        except OSError as exc:
+            self._drop(f"egress_{errno.errorcode.get(exc.errno or 0, 'error').lower()}")
+            return
+        self.up += 1
+        self.bytes_up += len(data)
+
+    def _open_egress(self, family: socket.AddressFamily) -> tuple[socket.socket, IpCounters] | None:
+        ctx = self._ctx
+        source = ctx.policy.source(self._ingress_ip, family)
+        if source is None:
+            self._drop("no_egress_for_family")  # never another source IP than the client's
+            return None
+        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        try:
+            sock.bind((source, 0))
+        except OSError as exc:
+            sock.close()
+            self._drop(f"bind_{errno.errorcode.get(exc.errno or 0, 'error').lower()}")
+            return None
+        ipc = ctx.pressure.ip(source)
+        ipc.udp_open += 1
+        self._egress[family] = (sock, ipc)
+        self._loop.register(sock, EVENT_READ, _Handler(self, "egress", sock))
+        return sock, ipc
+
+    # -- targets -> client -------------------------------------------------------------
+
+    def from_target(self, sock: socket.socket) -> None:
+        header_room = 22  # the longest header: IPv6
+        for _ in range(BURST):
+            try:
+                n, addr = sock.recvfrom_into(self._view[header_room:])
+            except BlockingIOError:
+                return
+            except OSError:
+                continue
+            if self.closed:
+                return
+            if self._client is None:
+                self._drop("no_client_address")
+                continue
+            self._last = self._loop.now
+            header = encode_udp_header(policy.normalize_ip(addr[0]), addr[1])
+            start = header_room - len(header)
+            self._view[start:header_room] = header
+            try:
+                self.relay.sendto(self._view[start : header_room + n], self._client)
+            except BlockingIOError:
+                self._drop("client_busy")
+                continue
+            except OSError as exc:
+                self._drop(f"client_{errno.errorcode.get(exc.errno or 0, 'error').lower()}")
+                continue
+            self.down += 1
+            self.bytes_down += n
+
+    # -- control connection and endings ------------------------------------------------
+
+    def on_control(self) -> None:
+        try:
+            data = self.control.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.close("client_error")
+            return
+        if not data:
+            self.close("eof")  # the client ended the association
+        # Anything else on the control connection has no meaning: discarded.
+
+    def _check_idle(self) -> None:
+        if self.closed:
+            return
+        quiet = self._loop.now - self._last
+        if quiet >= self._idle:
+            self.close("idle_timeout")
+        else:
+            self._timer = self._loop.call_later(self._idle - quiet, self._check_idle)
+
+    def _drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        counters = self._ctx.counters.udp_dropped
+        counters[reason] = counters.get(reason, 0) + 1
+
+    def crash(self, exc: BaseException) -> None:
+        self._log.error("udp_association_crashed", exc_info=exc)
+        self.close("crashed")
+
+    def close(self, reason: str, abortive: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._timer.cancel()
+        loop = self._loop
+        for sock in (self.control, self.relay):
+            loop.forget(sock)
+            sock.close()
+        for sock, ipc in self._egress.values():
+            loop.forget(sock)
+            sock.close()
+            ipc.udp_open -= 1
+        self._egress.clear()
+        ctx = self._ctx
+        ctx.open.discard(self)
+        c = ctx.counters
+        c.open_tunnels -= 1
+        c.tunnels_closed += 1
+        c.udp_datagrams_up += self.up
+        c.udp_datagrams_down += self.down
+        c.udp_bytes_up += self.bytes_up
+        c.udp_bytes_down += self.bytes_down
+        if self._claim is not None:
+            self._claim.release()
+            self._claim = None
+        self._log.info(
+            "tunnel_closed",
+            reply=0,
+            reason=reason,
+            datagrams_up=self.up,
+            datagrams_down=self.down,
+            bytes_up=self.bytes_up,
+            bytes_down=self.bytes_down,
+            dropped=self.dropped,
+            duration_ms=round((loop.now - self._started) * 1000, 1),
+        )
