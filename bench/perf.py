@@ -13,8 +13,8 @@ Setup: everything runs in a throw-away network namespace on its loopback, with
 `tcp_tw_reuse = 1`, `tcp_timestamps = 1`, `ip_local_port_range = 1024 65535` and
 `tcp_max_tw_buckets` raised so that no TIME_WAIT is skipped. Clients bind 16 source
 addresses 127.0.1.1-16 (IP_BIND_ADDRESS_NO_PORT), so the client side never runs out of
-ports. The load generator (`bench/loadgen.c`) and the targets (`bench/target.c`: echo
-and bulk sender) are C epoll loops, compiled with `gcc -O2` into a temp dir at start.
+ports. The load generators (`bench/loadgen.c`, `bench/udpload.c`) and the targets
+(`bench/target.c`: TCP and UDP echo, bulk sender) are C programs, compiled with `gcc -O2` into a temp dir at start.
 Each proxy listens on 127.0.0.1 and reaches the targets on 127.0.0.1; it is started
 fresh for every run of every column (columns interleaved within a run); the sustained
 run gets a fresh namespace of its own. With >= 2 CPUs the proxy (all its processes and
@@ -38,6 +38,10 @@ Figures: medians of --runs runs (failures are totals over all runs):
                  open and idle after the handshake: (RSS holding N - RSS before) / N.
                  N = 10,000, or less when a single process cannot hold 2 fds per tunnel
                  under RLIMIT_NOFILE's hard limit (the output prints N).
+  UDP echo       datagrams per second echoed through one UDP ASSOCIATE (64-byte
+                 payloads, 32 in flight, 100,000 per run; bench/udpload.c against the
+                 target's UDP echo on the echo port); a datagram not back within 200 ms
+                 counts as lost (failures: udp_lost). socksd and no proxy only.
   failures       failed tunnels over every measurement of every run, by kind:
                  connect:<errno>, reply:<code>, timeout:<stage>, short_read:<stage>, ...
   CPU            for every figure, the CPU (user + sys) of the load side (load
@@ -112,6 +116,7 @@ class Settings:
     warmup: int
     sustained: int
     workers: tuple[int, ...]
+    udp: int = 100000  # datagrams echoed through one UDP association per run
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +127,7 @@ class Column:
     label: str
     argv: tuple[str, ...]  # empty for "no proxy"
     cpus: str | None  # taskset list for the proxy, None = not pinned
+    udp: bool = False  # measured with UDP ASSOCIATE (baselines without it: skipped)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +234,7 @@ def rss_bytes(pids: list[int]) -> int:
 
 def build_tools(tmp: Path) -> Path:
     """Compile loadgen.c and target.c into `tmp`; never committed as binaries."""
-    for name in ("loadgen", "target"):
+    for name in ("loadgen", "target", "udpload"):
         src = REPO / "bench" / f"{name}.c"
         out = subprocess.run(
             ["gcc", "-O2", "-Wall", "-o", str(tmp / name), str(src)],
@@ -275,7 +281,7 @@ def make_columns(
             '[[access.destinations]]\naction = "allow"\nto = ["127.0.0.0/8"]\n'
         )
         argv: tuple[str, ...] = (python, "-m", "socksd", "--config", str(config))
-        columns.append(Column(f"socksd-w{n}", f"socksd w={n}", argv, proxy_cpus[n]))
+        columns.append(Column(f"socksd-w{n}", f"socksd w={n}", argv, proxy_cpus[n], udp=True))
     microsocks = shutil.which("microsocks")
     if microsocks:
         argv = (microsocks, "-i", HOST, "-p", str(PROXY_PORT))
@@ -288,7 +294,8 @@ def make_columns(
         columns.append(Column("pproxy", "pproxy", argv, proxy_cpus[0]))
     else:
         notes.append("pproxy not installed (pip install pproxy): skipped")
-    columns.append(Column("none", "no proxy", (), None))
+    columns.append(Column("none", "no proxy", (), None, udp=True))
+    notes.append("UDP echo: socksd and no proxy only (microsocks has no UDP ASSOCIATE)")
     return columns, notes
 
 
@@ -490,6 +497,17 @@ class Bench:
         r, cpu = self.measure(proxy, argv, 30 + size / (20 << 20))
         return Sample(r["mib_s"], r["elapsed_s"], cpu, r["failures"])
 
+    def udp(self, proxy: RunningProxy | None) -> Sample:
+        """Datagrams per second echoed through one UDP association (or straight)."""
+        argv = [*self.pin_load, str(self.tmp / "udpload")]
+        if proxy is not None:
+            argv += ["--proxy", f"{HOST}:{PROXY_PORT}"]
+        argv += ["--target", f"{HOST}:{ECHO_PORT}", "--src", CLIENT_SRC]
+        argv += ["--total", str(self.settings.udp), "--window", "32"]
+        r, cpu = self.measure(proxy, argv, 30 + self.settings.udp / 2000)
+        lost = {"udp_lost": r["lost"]} if r["lost"] else {}
+        return Sample(r["rate"], r["elapsed_s"], cpu, lost)
+
     def idle_rss(self, proxy: RunningProxy) -> Sample:
         """Hold N idle tunnels; RSS per tunnel = (RSS holding them - RSS before) / held."""
         n = self.settings.idle
@@ -562,6 +580,9 @@ def run_column(bench: Bench, col: Column, run: int) -> dict[str, Sample]:
         for streams in (1, 8):
             bench.wait_quiet(proxy)
             samples[f"mib_s_{streams}"] = bench.bulk(proxy, streams)
+        if col.udp:
+            bench.wait_quiet(proxy)
+            samples["udp_dgrams_s"] = bench.udp(proxy)
     finally:
         if proxy is not None:
             proxy.stop()
@@ -581,12 +602,14 @@ ROWS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
     ("mib_s_1", "MiB/s 1 stream", lambda v: f"{v:,.0f}"),
     ("mib_s_8", "MiB/s 8 streams", lambda v: f"{v:,.0f}"),
     ("rss_kib_per_idle", "RSS/idle tunnel KiB", lambda v: f"{v:.1f}"),
+    ("udp_dgrams_s", "UDP echo dgrams/s", lambda v: f"{v:,.0f}"),
 )
 CPU_ROWS = (
     ("tunnels_per_s", "tunnels (+TTFB)"),
     ("mib_s_1", "1 stream"),
     ("mib_s_8", "8 streams"),
     ("rss_kib_per_idle", "opening idle"),
+    ("udp_dgrams_s", "UDP echo"),
 )
 
 
@@ -712,6 +735,7 @@ def parse_args() -> tuple[argparse.Namespace, Settings]:
         idle=args.idle or (1000 if quick else 10000),
         warmup=200 if quick else 500,
         sustained=args.sustained if args.sustained is not None else (6000 if quick else 60000),
+        udp=10000 if quick else 100000,
         workers=workers,
     )
     return args, settings

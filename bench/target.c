@@ -3,6 +3,7 @@
  *   target HOST ECHO_PORT BULK_PORT LIFETIME_S
  *
  * Echo port: every byte read is written back; the connection closes on the peer's EOF.
+ *   The same port number over UDP echoes every datagram to its sender.
  * Bulk port: the client sends an 8-byte big-endian byte count; the target sends that many
  *   bytes (zeros) with sendfile() from a memfd, so the sender costs no user-space copy,
  *   then closes.
@@ -47,7 +48,7 @@ struct conn {
 
 static struct conn *conns;
 static int nconns;
-static int epfd, zeros_fd, echo_lfd, bulk_lfd;
+static int epfd, zeros_fd, echo_lfd, bulk_lfd, udp_fd;
 
 static void die(const char *what) {
     perror(what);
@@ -174,6 +175,12 @@ int main(int argc, char **argv) {
     epfd = epoll_create1(EPOLL_CLOEXEC);
     echo_lfd = listen_on(argv[1], atoi(argv[2]));
     bulk_lfd = listen_on(argv[1], atoi(argv[3]));
+    udp_fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    struct sockaddr_in ua = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[2]))};
+    if (udp_fd < 0 || inet_pton(AF_INET, argv[1], &ua.sin_addr) != 1 ||
+        bind(udp_fd, (struct sockaddr *)&ua, sizeof ua) < 0)
+        die("udp echo");
+    watch(udp_fd, EPOLLIN, EPOLL_CTL_ADD);
     watch(echo_lfd, EPOLLIN, EPOLL_CTL_ADD);
     watch(bulk_lfd, EPOLLIN, EPOLL_CTL_ADD);
     printf("ready\n");
@@ -185,7 +192,17 @@ int main(int argc, char **argv) {
         if (n < 0 && errno != EINTR) die("epoll_wait");
         for (int i = 0; i < n; i++) {
             int fd = evs[i].data.fd;
-            if (fd == echo_lfd) accept_some(fd, ECHO);
+            if (fd == udp_fd) {
+                char dgram[2048];
+                struct sockaddr_storage from;
+                for (int k = 0; k < 64; k++) { /* bounded burst, like the TCP accepts */
+                    socklen_t fl = sizeof from;
+                    ssize_t m = recvfrom(udp_fd, dgram, sizeof dgram, 0,
+                                         (struct sockaddr *)&from, &fl);
+                    if (m < 0) break;
+                    sendto(udp_fd, dgram, (size_t)m, 0, (struct sockaddr *)&from, fl);
+                }
+            } else if (fd == echo_lfd) accept_some(fd, ECHO);
             else if (fd == bulk_lfd) accept_some(fd, BULK_REQ);
             else if (conns[fd].kind == ECHO) on_echo(fd, evs[i].events);
             else if (conns[fd].kind != FREE) on_bulk(fd);
