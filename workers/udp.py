@@ -29,7 +29,6 @@ from workers.loop import EVENT_READ, Timer
 from workers.pressure import IpCounters
 
 BURST = 64  # datagrams read per readiness event and socket: one busy peer cannot starve
-_DGRAM = 65535 + 300  # the largest datagram plus any header
 _RESOLVE_QUEUE = 16  # datagrams held per name while it is being resolved
 _NAME_CACHE = 256  # resolved names kept per association
 
@@ -86,8 +85,10 @@ class UdpAssociation:
         self._claim = claim
         self.control = control
         self.relay = relay
-        self._buf = bytearray(_DGRAM)
-        self._view = memoryview(self._buf)
+        # The worker's shared read buffer (64 KiB): a datagram is handled before the
+        # next read, so an association owns no buffer (bytes kept for a name lookup
+        # are copied out).
+        self._view = ctx.buffer
         # Who may send: the address the client announced; an all-zero part means "not
         # known yet": the IP of the control connection, the port of the first datagram.
         host, port = announced
@@ -120,7 +121,7 @@ class UdpAssociation:
     def from_client(self) -> None:
         for _ in range(BURST):
             try:
-                n, addr = self.relay.recvfrom_into(self._buf)
+                n, addr = self.relay.recvfrom_into(self._view)
             except BlockingIOError:
                 return
             except OSError:
@@ -236,7 +237,7 @@ class UdpAssociation:
     # -- targets -> client -------------------------------------------------------------
 
     def from_target(self, sock: socket.socket) -> None:
-        header_room = 22  # the longest header: IPv6
+        header_room = 22  # the longest header (IPv6) goes in front of the payload
         for _ in range(BURST):
             try:
                 n, addr = sock.recvfrom_into(self._view[header_room:])

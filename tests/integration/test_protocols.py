@@ -417,3 +417,20 @@ def test_socks4_bind(spawn):
     s.sendall(b"\x05\x01\x00")
     assert s.recv(2) == b""
     s.close()
+
+
+def test_udp_large_datagram_intact(spawn):
+    """Near the IPv4 maximum: the shared 64 KiB buffer holds datagram and header."""
+    target = UdpEcho("127.0.0.1")
+    proxy = spawn('listen = ["127.0.0.1:0"]\nworkers = 1\n')
+    try:
+        client = udp_client("127.0.0.1")
+        ctl, rh, rp = associate(proxy.address, client.getsockname()[:2])
+        payload = bytes(range(256)) * 234  # 59,904 bytes
+        client.sendto(udp_header(*target.address) + payload, (rh, rp))
+        _, _, body = parse_udp_header(client.recvfrom(65535)[0])
+        assert body == b"echo:" + payload
+        ctl.close()
+        client.close()
+    finally:
+        target.close()
