@@ -180,6 +180,9 @@ class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
     block_on_close = False
+    # socketserver's default backlog of 5 overflows under test load: the kernel then
+    # drops the final ACK and resets "established" connections ~1 s later.
+    request_queue_size = 1024
 
 
 class TargetServer:

@@ -6,6 +6,7 @@ Vectors are fed whole, one byte at a time and with trailing bytes. No sockets.
 import ast
 import dataclasses
 import ipaddress
+import itertools
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -950,3 +951,291 @@ def test_ipv4_fast_path_accepts_only_canonical_dotted_quads(text, packed):
     from socksd.socks5 import _ipv4_packed
 
     assert _ipv4_packed(text) == packed
+
+
+# --- property: every reading state, every server answer ------------------------------
+#
+# The property above keeps one server policy and mostly starts from GREETING. These add
+# what it leaves out: the server choosing USERNAME_PASSWORD although NO_AUTH is offered,
+# refusing the method, the credentials or the request; arbitrary bytes from each reading
+# state; 255-byte fields; insertions and deletions, not only replaced bytes; small
+# buffer limits. Every event is checked against what RFC 1928/1929 can encode, and the
+# consumed bytes are re-encoded by an encoder written here, so no byte is lost, added or
+# reordered between the events and `trailing_data`.
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ServerPolicy:
+    acceptable: tuple[int, ...]  # most preferred first; () answers X'FF'
+    auth_ok: bool
+    reply: Reply
+
+
+def policies(acceptable: st.SearchStrategy[tuple[int, ...]]) -> st.SearchStrategy[ServerPolicy]:
+    return st.builds(
+        ServerPolicy,
+        acceptable=acceptable,
+        # Mostly yes, so the later states are reached often.
+        auth_ok=st.sampled_from([True, True, True, False]),
+        reply=st.one_of(st.just(Reply.SUCCEEDED), st.sampled_from(list(Reply))),
+    )
+
+
+ANY_ACCEPTABLE = st.sampled_from([(0, 2), (2, 0), (0, 2), (2, 0), (2,), (0,), ()])
+
+# The only ProtocolErrors there are, and the reply each may carry (RFC 1928 §3/§6,
+# RFC 1929 §2).
+ERROR_REPLIES: dict[str, set[bytes]] = {
+    "bad_version": {b"", GENERAL_FAILURE},
+    "bad_auth_version": {AUTH_FAILED},
+    "unknown_command": {failure(Reply.COMMAND_NOT_SUPPORTED)},
+    "unknown_address_type": {failure(Reply.ADDRESS_TYPE_NOT_SUPPORTED)},
+    "bad_domain_name": {failure(Reply.HOST_UNREACHABLE)},
+    "buffer_overflow": {b"", b"\x05\xff", AUTH_FAILED, GENERAL_FAILURE},
+}
+
+
+def check_event(event: object) -> None:
+    """An event's fields are values the RFC 1928/1929 wire format can carry."""
+    if isinstance(event, Greeting):
+        assert len(event.methods) <= 255
+        assert all(isinstance(m, int) and 0 <= m <= 255 for m in event.methods)
+    elif isinstance(event, UserPassAuth):
+        assert type(event.username) is bytes and type(event.password) is bytes
+        assert len(event.username) <= 255 and len(event.password) <= 255
+    elif isinstance(event, CommandRequest):
+        assert type(event.command) is Command and type(event.address_type) is AddressType
+        assert type(event.port) is int and 0 <= event.port <= 0xFFFF
+        if event.address_type is AddressType.IPV4:
+            assert str(ipaddress.IPv4Address(event.host)) == event.host
+        elif event.address_type is AddressType.IPV6:
+            assert ipaddress.IPv6Address(event.host).compressed == event.host
+        else:
+            assert 1 <= len(event.host) <= 255
+            assert all(0x21 <= ord(c) <= 0x7E for c in event.host)
+    else:
+        assert isinstance(event, ConnectionClosed), event
+
+
+def wire_of(event: Greeting | UserPassAuth | CommandRequest, rsv: int) -> bytes:
+    """Encode a client message from scratch (not with the codec under test)."""
+    if isinstance(event, Greeting):
+        return bytes([5, len(event.methods), *event.methods])
+    if isinstance(event, UserPassAuth):
+        u, p = event.username, event.password
+        return bytes([1, len(u)]) + u + bytes([len(p)]) + p
+    if event.address_type is AddressType.DOMAINNAME:
+        addr = domain(event.host.encode("ascii"))
+    else:
+        addr = ipaddress.ip_address(event.host).packed
+    return request(event.command, event.address_type, addr, event.port, rsv)
+
+
+def drive_policy(
+    chunks: Iterable[bytes], eof: bool, policy: ServerPolicy, max_buffer: int = 65536
+) -> list[object]:
+    """Like `drive`, with a given server policy, buffer limit and stricter checks.
+
+    Only ProtocolError is caught: any other exception fails the test.
+    """
+    conn = Socks5ServerConnection(max_buffer)
+    log: list[object] = []
+    offered: tuple[int, ...] = ()
+
+    def failed(exc: ProtocolError) -> list[object]:
+        assert exc.reply in ERROR_REPLIES[exc.reason], exc
+        assert conn.state is State.ERROR
+        # ERROR is sticky: both entry points raise the same error again.
+        for again in (conn.next_event, lambda: conn.receive_data(b"\x05")):
+            with pytest.raises(ProtocolError) as info:
+                again()
+            assert (info.value.reason, info.value.reply) == (exc.reason, exc.reply)
+        log.append(("error", exc.reason, exc.reply))
+        return log
+
+    for chunk in [*(c for c in chunks if c), *([b""] if eof else [])]:
+        try:
+            conn.receive_data(chunk)
+        except ProtocolError as exc:
+            return failed(exc)
+        while conn.state not in (State.RELAYING, State.CLOSED):
+            state = conn.state
+            message: ServerMessage
+            if state is State.SEND_METHOD:
+                message = MethodSelection(choose_method(offered, policy.acceptable))
+            elif state is State.SEND_AUTH_STATUS:
+                message = AuthStatus(policy.auth_ok)
+            elif state is State.SEND_REPLY:
+                message = CommandReply(policy.reply)
+            else:
+                try:
+                    event = conn.next_event()
+                except ProtocolError as exc:
+                    return failed(exc)
+                if event is NEED_DATA:
+                    # After EOF a reading state always ends in an event or CLOSED.
+                    assert conn.state is state and not conn.eof_received
+                    break
+                check_event(event)
+                if isinstance(event, Greeting):
+                    offered = event.methods
+                log.append(event)
+                continue
+            log.append(("sent", conn.send(message)))
+    # In CLOSED, bytes pipelined before the refusal may still sit in the buffer, and
+    # bytes fed after it are dropped, so only RELAYING's trailing data is compared.
+    trailing = conn.trailing_data if conn.state is State.RELAYING else None
+    log.append(("end", conn.state, trailing))
+    return log
+
+
+def assert_reencodes(data: bytes, log: list[object]) -> None:
+    """The events are exactly the bytes consumed, in order; the rest is trailing data."""
+    offset = 0
+    for item in log:
+        if isinstance(item, (Greeting, UserPassAuth, CommandRequest)):
+            rsv = data[offset + 2] if isinstance(item, CommandRequest) else 0
+            wire = wire_of(item, rsv)
+            assert data[offset : offset + len(wire)] == wire, (offset, item)
+            offset += len(wire)
+    end = log[-1]
+    assert isinstance(end, tuple)
+    if end[:2] == ("end", State.RELAYING):
+        assert end[2] == data[offset:]
+
+
+FIELD = st.one_of(st.binary(max_size=8), st.binary(min_size=250, max_size=255))
+ADDRESS = st.one_of(
+    st.binary(min_size=4, max_size=4).map(lambda b: b"\x01" + b),
+    st.binary(min_size=16, max_size=16).map(lambda b: b"\x04" + b),
+    st.text("abcz09.-", min_size=1, max_size=12).map(lambda t: b"\x03" + domain(t.encode())),
+    st.sampled_from([b"a" * 255, b"!~" * 127 + b"x"]).map(lambda b: b"\x03" + domain(b)),
+    st.binary(max_size=12).map(lambda b: b"\x03" + bytes([len(b)]) + b),  # Any bytes.
+    st.binary(max_size=6).map(lambda b: bytes([2]) + b),  # Unknown ATYP.
+)
+
+
+@st.composite
+def handshakes(draw: st.DrawFn, policy: ServerPolicy) -> bytes:
+    """A client stream that mostly fits `policy`, then mutated and maybe truncated."""
+    methods = draw(st.lists(st.sampled_from([0, 2, 1, 0x80, 0xFF]), max_size=4))
+    # Mostly offer one it takes. (Rare branches test for 3, never for 0: hypothesis
+    # draws the lower bound far more often than the others.)
+    if policy.acceptable and draw(st.integers(0, 3)) < 3:
+        at = draw(st.integers(0, len(methods)))
+        methods.insert(at, draw(st.sampled_from(policy.acceptable)))
+    parts = [bytes([5, len(methods), *methods])]
+    chosen = choose_method(methods, policy.acceptable)
+    # Sometimes the sub-negotiation the server did not ask for (or no sub-negotiation
+    # where it did), so a message meets the wrong state.
+    if (chosen == Method.USERNAME_PASSWORD) != (draw(st.integers(0, 9)) == 9):
+        user, password = draw(FIELD), draw(FIELD)
+        parts.append(bytes([1, len(user)]) + user + bytes([len(password)]) + password)
+    command = draw(st.sampled_from([1, 1, 1, 2, 3, 0, 0xFF]))
+    port = draw(st.integers(0, 0xFFFF)).to_bytes(2, "big")
+    parts.append(bytes([5, command, draw(st.sampled_from([0, 0, 1, 0xFF]))]))
+    parts.append(draw(ADDRESS) + port)
+    parts.append(draw(st.binary(max_size=32)))  # Early payload.
+    data = bytearray(b"".join(parts))
+    for _ in range(draw(st.sampled_from([0, 0, 1, 2, 3]))):
+        at = position(draw, data)
+        kind = draw(st.sampled_from(["replace", "insert", "delete"]))
+        if kind == "insert":
+            data[at:at] = bytes([draw(st.integers(0, 255))])
+        elif at < len(data):
+            data[at : at + 1] = b"" if kind == "delete" else bytes([draw(st.integers(0, 255))])
+    if draw(st.integers(0, 3)) == 3:
+        del data[len(data) - draw(st.integers(1, max(1, len(data)))) :]
+    return bytes(data)
+
+
+def position(draw: st.DrawFn, data: bytearray) -> int:
+    """An index into `data`; hypothesis favours small integers, so count from either end."""
+    at = draw(st.integers(0, len(data)))
+    return len(data) - at if draw(st.booleans()) else at
+
+
+def cut(draw: st.DrawFn, data: bytes) -> list[bytes]:
+    edges = [0, *sorted(draw(st.sets(st.integers(0, len(data)), max_size=8))), len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(edges)]
+
+
+@st.composite
+def policy_cases(draw: st.DrawFn) -> tuple[ServerPolicy, bytes, list[bytes]]:
+    policy = draw(policies(ANY_ACCEPTABLE))
+    data = draw(handshakes(policy))
+    return policy, data, cut(draw, data)
+
+
+# Valid bytes that put the codec in each reading state under the given methods.
+READING_STATES: dict[str, tuple[bytes, tuple[int, ...]]] = {
+    "greeting": (b"", (0, 2)),
+    "auth": (GREETING_BOTH, (2, 0)),
+    "request": (GREETING_NOAUTH, (0,)),
+    "request_after_auth": (GREETING_BOTH + AUTH, (2,)),
+}
+# Arbitrary bytes, with the values the parsers branch on drawn more often.
+SOUP = st.lists(
+    st.one_of(st.sampled_from([0, 1, 2, 3, 4, 5, 0xFF]), st.integers(0, 255)), max_size=80
+).map(bytes)
+
+
+@st.composite
+def soup_cases(draw: st.DrawFn) -> tuple[ServerPolicy, bytes, list[bytes]]:
+    prefix, acceptable = READING_STATES[draw(st.sampled_from(sorted(READING_STATES)))]
+    policy = draw(policies(st.just(acceptable)))
+    data = prefix + draw(SOUP)
+    return policy, data, cut(draw, data)
+
+
+def assert_chunking_invariant(
+    policy: ServerPolicy, data: bytes, chunks: list[bytes], eof: bool
+) -> list[object]:
+    whole = drive_policy([data], eof, policy)
+    assert_reencodes(data, whole)
+    assert drive_policy(chunks, eof, policy) == whole
+    assert drive_policy([bytes([b]) for b in data], eof, policy) == whole
+    return whole
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(case=policy_cases(), eof=st.booleans())
+def test_every_server_answer_any_chunking_same_outcome(
+    case: tuple[ServerPolicy, bytes, list[bytes]], eof: bool
+) -> None:
+    assert_chunking_invariant(*case, eof)
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(case=soup_cases(), eof=st.booleans())
+def test_arbitrary_bytes_in_each_reading_state(
+    case: tuple[ServerPolicy, bytes, list[bytes]], eof: bool
+) -> None:
+    assert_chunking_invariant(*case, eof)
+
+
+@settings(max_examples=100, deadline=None, database=None)
+@given(case=policy_cases(), eof=st.booleans(), max_buffer=st.integers(1, 64))
+def test_small_buffer_limits_only_add_overflow(
+    case: tuple[ServerPolicy, bytes, list[bytes]], eof: bool, max_buffer: int
+) -> None:
+    """Overflow depends on chunking (consumed bytes free the buffer), nothing else does.
+
+    Unconsumed input never exceeds what was fed, so input that fits the limit gives the
+    same outcome in every chunking, and one that overflows in any chunking overflows
+    when fed whole.
+    """
+    policy, data, chunks = case
+    whole = drive_policy([data], eof, policy, max_buffer)
+    assert overflowed(whole) == (len(data) > max_buffer)
+    for feed in (chunks, [bytes([b]) for b in data]):
+        got = drive_policy(feed, eof, policy, max_buffer)
+        if not overflowed(whole):
+            assert got == whole
+        elif not overflowed(got):
+            assert got == drive_policy(feed, eof, policy)  # the limit changed nothing
+
+
+def overflowed(log: list[object]) -> bool:
+    last = log[-1]
+    return isinstance(last, tuple) and last[:2] == ("error", "buffer_overflow")
