@@ -14,7 +14,8 @@ Setup: everything runs in a throw-away network namespace on its loopback, with
 `tcp_max_tw_buckets` raised so that no TIME_WAIT is skipped. Clients bind 16 source
 addresses 127.0.1.1-16 (IP_BIND_ADDRESS_NO_PORT), so the client side never runs out of
 ports. The load generators (`bench/loadgen.c`, `bench/udpload.c`) and the targets
-(`bench/target.c`: TCP and UDP echo, bulk sender) are C programs, compiled with `gcc -O2` into a temp dir at start.
+(`bench/target.c`: TCP and UDP echo, bulk sender) are C programs, compiled with
+`gcc -O2` into a temp dir at start.
 Each proxy listens on 127.0.0.1 and reaches the targets on 127.0.0.1; it is started
 fresh for every run of every column (columns interleaved within a run); the sustained
 run gets a fresh namespace of its own. With >= 2 CPUs the proxy (all its processes and

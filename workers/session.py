@@ -166,7 +166,10 @@ class Session:
         except BlockingIOError:
             return
         except OSError as exc:
-            self._end_quietly(f"client_{type(exc).__name__}")
+            if self.phase is Phase.DRAINING:
+                self._finish()  # its one line was written when the failure was decided
+            else:
+                self._end_quietly(f"client_{egress.errno_name(exc.errno or 0)}")
             return
         if self.phase is Phase.DRAINING:
             if not data:
@@ -351,19 +354,25 @@ class Session:
             self._client_gone()
 
     def _binding_readable(self) -> None:
-        """While BINDING: a FIN ends the wait; payload stays in the kernel for the relay."""
+        """While BINDING: a FIN or an error ends the wait; early payload is kept (the
+        codec's buffer, bounded by HANDSHAKE_BUFFER) for the relay, and reading goes
+        on, so a client that leaves is noticed at once."""
         try:
-            data = self.client.recv(1, socket.MSG_PEEK)
+            data = self.client.recv(_RECV)
         except BlockingIOError:
             return
         except OSError as exc:
-            self._end_quietly(f"client_{type(exc).__name__}")
+            self._reply_failure(
+                Reply.GENERAL_FAILURE, f"client_{egress.errno_name(exc.errno or 0)}"
+            )
             return
         if not data:
             self._reply_failure(Reply.GENERAL_FAILURE, "client_closed")
             return
-        self._eof = True  # stop watching until the relay takes over (level-triggered)
-        self._update()
+        try:
+            self._codec.receive_data(data)
+        except ProtocolError as exc:  # more early payload than the buffer holds
+            self._reply_failure(Reply.GENERAL_FAILURE, exc.reason, wire=exc.reply)
 
     def on_bind_accepted(self, peer: socket.socket, address: tuple[Any, ...]) -> None:
         self._bind = None
@@ -594,15 +603,20 @@ class Session:
         elif self.phase is Phase.DRAINING:
             self._finish()
 
-    def _reply_failure(self, reply: Reply, reason: str, **fields: Any) -> None:
-        """Answer the request with a failure code, log the tunnel's line, then drain."""
+    def _reply_failure(
+        self, reply: Reply, reason: str, wire: bytes | None = None, **fields: Any
+    ) -> None:
+        """Answer the request with a failure code, log the tunnel's line, then drain.
+
+        `wire`: the bytes to send instead of encoding `reply` (the codec's own answer
+        after it failed)."""
         if self._connector is not None:
             self._connector.cancel()
             self._connector = None
         if self._bind is not None:
             self._bind.cancel()
             self._bind = None
-        delivered = self._write(self._codec.send(CommandReply(reply)))
+        delivered = self._write(self._codec.send(CommandReply(reply)) if wire is None else wire)
         self._ctx.counters.replied(reply)
         self.log.info(
             "tunnel_closed",
