@@ -154,40 +154,47 @@ class DestinationPolicy:
                 self._own_any_ports.add(port)
             else:
                 self._own_exact.add((key, port))
+        self._own_ports = self._own_any_ports | {port for _, port in self._own_exact}
         self._cache: dict[tuple[int, str, int], Verdict | None] = {}
         self._cache_size = cache_size
 
-    def _own(self, key: tuple[int, int], port: int, ingress: tuple[int, int] | None) -> bool:
+    def _own(self, key: tuple[int, int], port: int, ingress_ip: str) -> bool:
         """A socksd listener itself: a tunnel into our own port would loop."""
         if (key, port) in self._own_exact:
             return True
         if port in self._own_any_ports:
             # A wildcard listener answers on every local address; those we know of
             # without a syscall: unspecified, loopback and the one the client used.
-            return key[1] == 0 or key == ingress or _is_loopback(key)
+            return key[1] == 0 or key == ip_key(ingress_ip) or _is_loopback(key)
         return False
 
     def check(
         self, ip: str, port: int, ingress_ip: str, user_rules: tuple[Rule, ...] = ()
     ) -> Verdict | None:
         """None when `ip`:`port` may be connected to, else the verdict that denies it."""
+        if port in self._own_ports:
+            key = ip_key(ip)
+            if key is not None and self._own(key, port, ingress_ip):
+                return _OWN
+        ck = (id(user_rules), ip, port)
+        verdict = self._cache.get(ck, _MISS)
+        if verdict is not _MISS:
+            return verdict  # type: ignore[return-value]
         key = ip_key(ip)
         if key is None:
-            return Verdict("unparsable_address")
-        if (self._own_any_ports or self._own_exact) and self._own(key, port, ip_key(ingress_ip)):
-            return Verdict("own_listener")
-        ck = (id(user_rules), ip, port)
-        cached = self._cache.get(ck, False)
-        if cached is not False:
-            return cached  # type: ignore[return-value]
-        rule = first_match(user_rules, key, port) or first_match(self._rules, key, port)
-        verdict = Verdict(rule.name) if rule is not None and rule.action == "deny" else None
+            verdict = _UNPARSABLE
+        else:
+            rule = first_match(user_rules, key, port) or first_match(self._rules, key, port)
+            verdict = Verdict(rule.name) if rule is not None and rule.action == "deny" else None
         if len(self._cache) >= self._cache_size:
             self._cache.clear()  # bounded; rebuilt from the hot targets in a moment
         self._cache[ck] = verdict
         return verdict
 
 
+_MISS = object()
+_OWN = Verdict("own_listener")
+_UNPARSABLE = Verdict("unparsable_address")
 _LOOPBACK = tuple(Net.parse(n) for n in LOOPBACK_NETS)
 
 
