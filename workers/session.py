@@ -381,11 +381,7 @@ class Session:
         )
         if verdict is not None:
             peer.close()
-            self._ctx.counters.refuse("destination_denied")
-            self.log.warning(
-                "destination_denied", address=hostport(address[0], address[1]), rule=verdict.rule
-            )
-            self._reply_failure(Reply.NOT_ALLOWED, "destination_denied", rule=verdict.rule)
+            self._deny_destination(verdict, address)
             return
         # The final reply names the peer that connected (RFC 1928 section 4).
         self._relay(peer, (policy.normalize_ip(address[0]), address[1]), None, 0)
@@ -497,13 +493,17 @@ class Session:
             elif denied is None:
                 denied = (verdict, sockaddr)
         if not allowed and denied is not None:
-            verdict, sockaddr = denied
-            ctx.counters.refuse("destination_denied")
-            self.log.warning(
-                "destination_denied", address=hostport(sockaddr[0], sockaddr[1]), rule=verdict.rule
-            )
-            self._reply_failure(Reply.NOT_ALLOWED, "destination_denied", rule=verdict.rule)
+            self._deny_destination(*denied)
         return allowed
+
+    def _deny_destination(self, verdict: access.Verdict, address: tuple[Any, ...]) -> None:
+        """Refuse with 0x02: counted, its own event (operators alert on it), then the
+        connection's closing line."""
+        self._ctx.counters.refuse("destination_denied")
+        self.log.warning(
+            "destination_denied", address=hostport(address[0], address[1]), rule=verdict.rule
+        )
+        self._reply_failure(Reply.NOT_ALLOWED, "destination_denied", rule=verdict.rule)
 
     def _connect_next(self) -> None:
         while self._candidates:
