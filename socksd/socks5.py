@@ -53,6 +53,7 @@ __all__ = [
     "UserPassAuth",
     "check_domain",
     "choose_method",
+    "decode_address",
     "encode_address",
 ]
 
@@ -335,6 +336,16 @@ def check_domain(raw: bytes) -> bytes | None:
     return raw
 
 
+def decode_address(atyp: AddressType, raw: bytes) -> str | None:
+    """DST.ADDR's text: dotted IPv4, compressed IPv6, or the domain name as sent;
+    None for a domain name `check_domain` refuses."""
+    if atyp is AddressType.IPV4:
+        return "%d.%d.%d.%d" % (raw[0], raw[1], raw[2], raw[3])  # noqa: UP031 - hot path
+    if atyp is AddressType.IPV6:
+        return ipaddress.IPv6Address(raw).compressed
+    return raw.decode("ascii") if check_domain(raw) is not None else None
+
+
 def _parse_greeting(buf: bytearray) -> tuple[Event, int] | None:
     # RFC 1928 §3: VER(1) NMETHODS(1) METHODS(NMETHODS).
     if not buf:
@@ -411,16 +422,10 @@ def _parse_request(buf: bytearray) -> tuple[Event, int] | None:
         addr_start, addr_end = 4, 4 + _FIXED_ADDRESS_LEN[atyp]
     if size < addr_end:
         return None
-    raw = bytes(buf[addr_start:addr_end])
-    if atyp is AddressType.IPV4:
-        host = "%d.%d.%d.%d" % (raw[0], raw[1], raw[2], raw[3])  # noqa: UP031 - hot path
-    elif atyp is AddressType.IPV6:
-        host = ipaddress.IPv6Address(raw).compressed
-    elif check_domain(raw) is None:
+    host = decode_address(atyp, bytes(buf[addr_start:addr_end]))
+    if host is None:
         reply = _encode_reply(Reply.HOST_UNREACHABLE)
         raise ProtocolError("bad_domain_name", reply)
-    else:
-        host = raw.decode("ascii")
     end = addr_end + 2
     if size < end:
         return None

@@ -12,10 +12,9 @@ Must not: do I/O or decide policy (which sources are accepted, where datagrams m
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
-from socksd.socks5 import AddressType, ProtocolError, check_domain, encode_address
+from socksd.socks5 import AddressType, ProtocolError, decode_address, encode_address
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,15 +66,9 @@ def parse_udp_datagram(datagram: bytes | bytearray | memoryview) -> UdpDatagram:
         start, end = 5, 5 + view[4]
     if size < end + 2:
         raise ProtocolError("udp_truncated")
-    raw = bytes(view[start:end])
-    if atyp is AddressType.IPV4:
-        host = "%d.%d.%d.%d" % (raw[0], raw[1], raw[2], raw[3])  # noqa: UP031 - hot path
-    elif atyp is AddressType.IPV6:
-        host = ipaddress.IPv6Address(raw).compressed
-    elif check_domain(raw) is None:
+    host = decode_address(atyp, bytes(view[start:end]))
+    if host is None:
         raise ProtocolError("udp_bad_domain_name")
-    else:
-        host = raw.decode("ascii")
     port = (view[end] << 8) | view[end + 1]
     return UdpDatagram(view[2], atyp, host, port, view[end + 2 :])
 

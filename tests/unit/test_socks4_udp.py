@@ -182,3 +182,19 @@ def test_udp_any_bytes_parse_or_protocol_error(data):
         parse_udp_datagram(data)
     except ProtocolError:
         pass
+
+
+@pytest.mark.parametrize("module", ["socks4", "socks5_udp"])
+def test_codecs_import_nothing_that_does_io(module):
+    import ast
+    import importlib
+    from pathlib import Path
+
+    path = Path(importlib.import_module(f"socksd.{module}").__file__)
+    imported: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add((node.module or "").split(".")[0])
+    assert imported <= {"__future__", "dataclasses", "typing", "socksd"}
