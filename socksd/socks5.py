@@ -475,9 +475,8 @@ def choose_method(offered: Sequence[int], acceptable: Sequence[int]) -> int:
         The first of ``acceptable`` present in ``offered``, or
         ``Method.NO_ACCEPTABLE`` (RFC 1928 §3).
     """
-    offered_set = frozenset(offered)
-    for method in acceptable:
-        if method in offered_set:
+    for method in acceptable:  # both are short: tuple membership beats a frozenset
+        if method in offered:
             return method
     return Method.NO_ACCEPTABLE
 
@@ -539,7 +538,8 @@ class Socks5ServerConnection:
                 ``ERROR`` (the original error again).
             LocalProtocolError: Non-empty data after EOF.
         """
-        self._raise_if_failed()
+        if self._error is not None:
+            self._raise_if_failed()
         if self._eof:
             if data:
                 raise LocalProtocolError("receive_data() after EOF")
@@ -567,7 +567,8 @@ class Socks5ServerConnection:
                 already was) ``ERROR``.
             LocalProtocolError: Called in ``RELAYING`` or ``CLOSED``.
         """
-        self._raise_if_failed()
+        if self._error is not None:
+            self._raise_if_failed()
         reader = _READERS.get(self._state)
         if reader is None:
             if self._state in _AWAITING_SEND:

@@ -57,6 +57,10 @@ _NO_USER = UserAccess()
 
 
 class Phase(Enum):
+    # Identity hash (members are singletons): Enum's default hashes the name in Python,
+    # and _transition() looks phases up in _ALLOWED twice per tunnel.
+    __hash__ = object.__hash__
+
     HANDSHAKE = auto()
     AUTHENTICATING = auto()
     RESOLVING = auto()
