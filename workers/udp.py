@@ -31,6 +31,7 @@ from workers.pressure import IpCounters
 BURST = 64  # datagrams read per readiness event and socket: one busy peer cannot starve
 _RESOLVE_QUEUE = 16  # datagrams held per name while it is being resolved
 _NAME_CACHE = 256  # resolved names kept per association
+_MAX_PEERS = 4096  # targets per association that may answer
 
 
 class _Handler:
@@ -89,13 +90,20 @@ class UdpAssociation:
         # next read, so an association owns no buffer (bytes kept for a name lookup
         # are copied out).
         self._view = ctx.buffer
-        # Who may send: the address the client announced; an all-zero part means "not
-        # known yet": the IP of the control connection, the port of the first datagram.
+        # Who may send: only the control connection's IP, from the port the client
+        # announced; with no port announced (zeros), or an address that is not its own
+        # (a client behind NAT announces its private one), the first datagram's port.
+        # Nobody else can inject datagrams into (or receive from) the association.
         host, port = announced
-        unknown = host in ("0.0.0.0", "::") or not host
-        self._want_ip = client_ip if unknown else policy.normalize_ip(host)
-        self._want_port = port
+        own = (
+            bool(host) and host not in ("0.0.0.0", "::") and policy.normalize_ip(host) == client_ip
+        )
+        self._want_ip = client_ip
+        self._want_port = port if own else 0
         self._client: tuple[Any, ...] | None = None  # where replies go, once known
+        # Targets the client sent to: only they may answer (no unsolicited datagrams
+        # reach the client through our port). Bounded; the oldest are forgotten first.
+        self._peers: dict[tuple[str, int], None] = {}
         self._egress: dict[int, tuple[socket.socket, IpCounters]] = {}
         self._names: dict[str, str] = {}  # domain -> first allowed IP
         self._resolving: dict[str, list[tuple[int, bytes]]] = {}
@@ -204,6 +212,11 @@ class UdpAssociation:
         egress = self._egress.get(family) or self._open_egress(family)
         if egress is None:
             return
+        peer = (policy.normalize_ip(ip), port)  # as the answer's source will read
+        if peer not in self._peers:
+            if len(self._peers) >= _MAX_PEERS:
+                del self._peers[next(iter(self._peers))]
+            self._peers[peer] = None
         try:
             egress[0].sendto(data, (ip, port))
         except BlockingIOError:
@@ -247,11 +260,15 @@ class UdpAssociation:
                 continue
             if self.closed:
                 return
+            source = (policy.normalize_ip(addr[0]), addr[1])
+            if source not in self._peers:
+                self._drop("unsolicited")
+                continue
             if self._client is None:
                 self._drop("no_client_address")
                 continue
             self._last = self._loop.now
-            header = encode_udp_header(policy.normalize_ip(addr[0]), addr[1])
+            header = encode_udp_header(*source)
             start = header_room - len(header)
             self._view[start:header_room] = header
             try:

@@ -434,3 +434,29 @@ def test_udp_large_datagram_intact(spawn):
         client.close()
     finally:
         target.close()
+
+
+def test_udp_only_the_clients_ip_and_solicited_targets(spawn):
+    """A NAT-ed client announces an address that is not its own: its IP still wins.
+    A host the client never sent to cannot reach it through the egress port."""
+    target = UdpEcho("127.0.0.1")
+    proxy = spawn('listen = ["127.0.0.1:0"]\nworkers = 1\n')
+    try:
+        client = udp_client("127.0.0.1")
+        ctl, rh, rp = associate(proxy.address, ("192.0.2.7", 4000))  # not its address
+        client.sendto(udp_header(*target.address) + b"hi", (rh, rp))
+        assert parse_udp_header(client.recvfrom(65535)[0])[2] == b"echo:hi"
+        egress_port = target.senders[-1][1]
+        stranger = udp_client("127.0.0.1")
+        stranger.sendto(b"unsolicited", ("127.0.0.1", egress_port))
+        client.sendto(udp_header(*target.address) + b"again", (rh, rp))
+        assert parse_udp_header(client.recvfrom(65535)[0])[2] == b"echo:again"
+        with pytest.raises(TimeoutError):
+            client.recvfrom(65535)
+        ctl.close()
+        closed = proxy.wait_for("tunnel_closed", lambda e: e.get("command") == "udp_associate")
+        assert closed["dropped"] == {"unsolicited": 1}
+        client.close()
+        stranger.close()
+    finally:
+        target.close()
