@@ -474,12 +474,21 @@ def check_open_proxy(config: Config) -> None:
     """Refuse an accidental open proxy: a non-loopback listener that anyone may use."""
     if config.loopback_only or config.access.allow_open_proxy:
         return
-    if config.auth.method == "none" and not config.access.clients:
-        first = next(a for a in config.listen if not access.is_loopback(a.host))
+    if config.access.clients:
+        return
+    first = next(a for a in config.listen if not access.is_loopback(a.host))
+    if config.auth.method == "none":
         raise ConfigError(
             f'listen: {first} is not a loopback address and auth.method is "none" with no '
             '[[access.clients]] rule: that is an open proxy. Set auth.method = "password", '
             "add [[access.clients]] rules, or set access.allow_open_proxy = true"
+        )
+    if "socks4" in config.protocols:
+        # SOCKS4 carries no password: a user name alone would open the proxy to anyone
+        # who guesses one.
+        raise ConfigError(
+            f"protocols: socks4 on {first} (not loopback) needs [[access.clients]] rules: "
+            "SOCKS4 has no password, so auth.users only identify its clients"
         )
 
 

@@ -105,7 +105,7 @@ class UdpAssociation:
         # reach the client through our port). Bounded; the oldest are forgotten first.
         self._peers: dict[tuple[str, int], None] = {}
         self._egress: dict[int, tuple[socket.socket, IpCounters]] = {}
-        self._names: dict[str, str] = {}  # domain -> first allowed IP
+        self._names: dict[str, str] = {}  # domain -> its first address (IPv4 first)
         self._resolving: dict[str, list[tuple[int, bytes]]] = {}
         self.up = self.down = 0  # datagrams
         self.bytes_up = self.bytes_down = 0

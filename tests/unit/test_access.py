@@ -247,3 +247,16 @@ def test_auth_backoff_doubles_and_is_capped():
 def test_is_loopback():
     assert access.is_loopback("127.0.0.2") and access.is_loopback("::1")
     assert not access.is_loopback("0.0.0.0") and not access.is_loopback("::")
+
+
+def test_socks4_on_a_public_listener_needs_client_rules():
+    h = hash_password("x")
+    text = (
+        'listen = ["0.0.0.0:1080"]\nprotocols = ["socks5", "socks4"]\n'
+        f'[auth]\nmethod = "password"\n[auth.users]\nu = "{h}"\n'
+    )
+    with pytest.raises(ConfigError, match="SOCKS4 has no password"):
+        _cfg(text)
+    _cfg(text + '[[access.clients]]\naction = "allow"\nfrom = ["192.0.2.0/24"]\n')
+    _cfg(text + "[access]\nallow_open_proxy = true\n")
+    _cfg(text.replace("0.0.0.0", "127.0.0.1"))
