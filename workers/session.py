@@ -393,7 +393,13 @@ class Session:
     def _start_udp(self, event: CommandRequest) -> None:
         """Open the association's relay socket on the ingress IP and hand over."""
         family = socket.AF_INET6 if ":" in self._ingress_ip else socket.AF_INET
-        relay = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        try:
+            relay = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        except OSError as exc:  # EMFILE: no crash, a reply
+            self._reply_failure(
+                Reply.GENERAL_FAILURE, "udp_socket_failed", errno=egress.errno_name(exc.errno or 0)
+            )
+            return
         try:
             relay.bind((self._ingress_ip, 0))
         except OSError as exc:

@@ -234,7 +234,11 @@ class UdpAssociation:
         if source is None:
             self._drop("no_egress_for_family")  # never another source IP than the client's
             return None
-        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        try:
+            sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        except OSError as exc:  # EMFILE: this datagram is dropped, the next one retries
+            self._drop(f"socket_{errno.errorcode.get(exc.errno or 0, 'error').lower()}")
+            return None
         try:
             sock.bind((source, 0))
         except OSError as exc:
