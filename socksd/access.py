@@ -217,10 +217,6 @@ class ClientPolicy:
         self._cache: dict[str, bool] = {}
         self._cache_size = cache_size
 
-    @property
-    def open_to_all(self) -> bool:
-        return not self._rules and not self._loopback_only
-
     def allows(self, ip: str) -> bool:
         ok = self._cache.get(ip)
         if ok is not None:
