@@ -6,6 +6,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,8 +20,8 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Socksd]]:
     """Start socksd processes with a given config; all are stopped at teardown."""
     started: list[Socksd] = []
 
-    def start(config_text: str, *args: str) -> Socksd:
-        proc = Socksd(config_text, tmp_path, args)
+    def start(config_text: str, *args: str, **kw: Any) -> Socksd:
+        proc = Socksd(config_text, tmp_path, args, **kw)
         started.append(proc)
         return proc
 

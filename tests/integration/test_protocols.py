@@ -7,7 +7,6 @@ implementations.
 
 from __future__ import annotations
 
-import http.server
 import shutil
 import socket
 import struct
@@ -19,24 +18,15 @@ import socks  # PySocks
 
 from socksd.passwords import hash_password
 from tests.conftest import need
+from tests.integration.conftest import HTTP_BODY, ipv6_available
 from tests.integration.helpers import (
     TIMEOUT,
-    Socksd,
     TargetServer,
     echo,
     encode_request,
     read_reply,
     recv_exact,
 )
-
-
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 class UdpEcho:
@@ -116,27 +106,13 @@ def udp_client(host: str) -> socket.socket:
     return sock
 
 
-@pytest.fixture
-def spawn(tmp_path):
-    started: list[Socksd] = []
-
-    def make(text: str, **kw) -> Socksd:
-        proc = Socksd(text, tmp_path, **kw)
-        started.append(proc)
-        return proc
-
-    yield make
-    for proc in started:
-        proc.stop()
-
-
 # -- UDP ASSOCIATE --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_udp_echo_leaves_from_the_ingress_ip(spawn, family):
     if family == "ipv6":
-        need(_ipv6_loopback(), "IPv6 loopback (::1)")
+        need(ipv6_available(), "IPv6 loopback (::1)")
         listen, client_ip, target_ip = "[::1]:0", "::1", "::1"
     else:
         listen, client_ip, target_ip = "127.0.0.2:0", "127.0.0.1", "127.0.0.1"
@@ -327,23 +303,6 @@ def test_bind_times_out_with_a_reply(spawn):
 # -- SOCKS4 / 4a ----------------------------------------------------------------------------
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-
-@pytest.fixture
-def http_target(tmp_path):
-    (tmp_path / "hello.txt").write_text("hello over socks4\n")
-    handler = lambda *a: _Quiet(*a, directory=str(tmp_path))  # noqa: E731
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
-
-
 @pytest.mark.parametrize("flag", ["--socks4", "--socks4a"])
 def test_curl_socks4_and_4a(spawn, http_target, flag):
     need(shutil.which("curl") is not None, "curl")
@@ -357,14 +316,14 @@ def test_curl_socks4_and_4a(spawn, http_target, flag):
             "10",
             flag,
             "{}:{}".format(*proxy.address),
-            f"http://{host}:{http_target}/hello.txt",
+            f"http://{host}:{http_target}/",
         ],
         capture_output=True,
         text=True,
         timeout=30,
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout == "hello over socks4\n"
+    assert out.stdout.encode() == HTTP_BODY
     closed = proxy.wait_for("tunnel_closed")
     assert closed["protocol"] == "socks4" and closed["reply"] == 0
 
