@@ -58,6 +58,9 @@ Figures: medians of --runs runs (failures are totals over all runs):
                  figures are bounded by one core while a proxied run uses two.
   sustained      60,000 tunnels back to back through socksd to one target from one
                  ingress IP (so from one egress IP): failures must be 0.
+--floor adds `bench/floor.py` (tunnels/s and TTFB only): the least Python a SOCKS5
+CONNECT tunnel can cost with socksd's syscalls and nothing else, so the distance from
+socksd to it is the price of socksd's structure, not of Python.
 Ratios are socksd (the first --workers value) / baseline: above 1 is better for
 tunnels/s and MiB/s; below 1 is better for TTFB and RSS.
 """
@@ -129,6 +132,7 @@ class Column:
     argv: tuple[str, ...]  # empty for "no proxy"
     cpus: str | None  # taskset list for the proxy, None = not pinned
     udp: bool = False  # measured with UDP ASSOCIATE (baselines without it: skipped)
+    tunnels_only: bool = False  # the Python floor: no back-pressure, so no bulk or idle
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,7 +273,11 @@ def plan_cpus(workers: tuple[int, ...]) -> tuple[str | None, dict[int, str | Non
 
 
 def make_columns(
-    settings: Settings, tmp: Path, python: str, proxy_cpus: dict[int, str | None]
+    settings: Settings,
+    tmp: Path,
+    python: str,
+    proxy_cpus: dict[int, str | None],
+    floor: bool = False,
 ) -> tuple[list[Column], list[str]]:
     columns, notes = [], []
     for n in settings.workers:
@@ -295,6 +303,9 @@ def make_columns(
         columns.append(Column("pproxy", "pproxy", argv, proxy_cpus[0]))
     else:
         notes.append("pproxy not installed (pip install pproxy): skipped")
+    if floor:
+        argv = (python, str(REPO / "bench" / "floor.py"), HOST, str(PROXY_PORT))
+        columns.append(Column("floor", "python floor", argv, proxy_cpus[0], tunnels_only=True))
     columns.append(Column("none", "no proxy", (), None, udp=True))
     notes.append("UDP echo: socksd and no proxy only (microsocks has no UDP ASSOCIATE)")
     return columns, notes
@@ -574,6 +585,10 @@ def run_column(bench: Bench, col: Column, run: int) -> dict[str, Sample]:
         if warm.value == 0:
             raise RuntimeError(f"{col.label}: no warm-up tunnel succeeded: {warm.failures}")
         samples: dict[str, Sample] = {}
+        if col.tunnels_only:
+            bench.wait_quiet(proxy)
+            samples.update(bench.tunnels(proxy, s.tunnels))
+            return samples
         if proxy is not None:
             samples["rss_kib_per_idle"] = bench.idle_rss(proxy)
         bench.wait_quiet(proxy)
@@ -636,7 +651,8 @@ def summarize(runs: dict[str, list[dict[str, Sample]]]) -> dict[str, Any]:
 
 def ratios(medians: dict[str, dict[str, float]], ours: str) -> dict[str, dict[str, float]]:
     out = {}
-    for other, name in (("microsocks", "microsocks"), ("pproxy", "pproxy"), ("none", "no-proxy")):
+    others = (("microsocks", "microsocks"), ("pproxy", "pproxy"), ("floor", "floor"))
+    for other, name in (*others, ("none", "no-proxy")):
         if other in medians and ours in medians:
             out[f"socksd/{name}"] = {
                 metric: medians[ours][metric] / medians[other][metric]
@@ -722,6 +738,11 @@ def parse_args() -> tuple[argparse.Namespace, Settings]:
     ap.add_argument("--idle", type=int, help="idle tunnels to hold (default 10,000)")
     ap.add_argument("--sustained", type=int, help="sustained tunnels (default 60,000; 0 = skip)")
     ap.add_argument("--python", default=sys.executable, help="Python that runs socksd")
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="add bench/floor.py (the least Python a tunnel can cost) as a tunnels-only column",
+    )
     ap.add_argument("--keep-logs", action="store_true", help="keep the temp dir and its logs")
     args = ap.parse_args()
     quick = args.quick
@@ -822,7 +843,7 @@ def main() -> int:
     try:
         build_tools(tmp)
         digest = snapshot_socksd(tmp)
-        columns, skip_notes = make_columns(settings, tmp, args.python, proxy_cpus)
+        columns, skip_notes = make_columns(settings, tmp, args.python, proxy_cpus, args.floor)
         notes += pin_notes + skip_notes
         notes.append(f"proxy logs (socksd: level info, tunnel_closed on) go to files in {tmp}")
         notes.append(f"socksd runs from a copy of socksd/ and workers/ taken at start: {tmp}/src")
