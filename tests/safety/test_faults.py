@@ -289,6 +289,47 @@ def test_slow_reader_stalls_its_tunnel_not_the_worker_or_its_memory(spawn, echo_
     )
 
 
+def test_fast_writer_to_a_target_that_never_reads_stays_bounded(spawn):
+    """The other direction: the client pushes as fast as it can, the target reads
+    nothing. socksd stops reading the client once the target's buffers are full, so
+    the client stalls and the worker's memory does not grow with what it pushes."""
+    hold = threading.Event()
+
+    def never_read(sock: socket.socket, peer: object) -> None:
+        hold.wait(30)
+
+    sink = TargetServer(never_read)
+    proc = spawn(_config())
+    worker = worker_pid(proc)
+    pushed = {"n": 0}
+    try:
+        rss_before = rss_bytes(worker)
+        sock, (rep, _, _) = open_tunnel(proc.address, "127.0.0.1", sink.port)
+        assert rep == 0
+        sock.setblocking(False)
+        block = os.urandom(256 * 1024)
+        last, since = -1, time.monotonic()
+        deadline = time.monotonic() + 15.0
+        while time.monotonic() - since < 0.5:  # until sending has stalled for 0.5 s
+            assert time.monotonic() < deadline, f"the client never stalled: {pushed}"
+            try:
+                pushed["n"] += sock.send(block)
+            except BlockingIOError:
+                time.sleep(0.01)
+            if pushed["n"] != last:
+                last, since = pushed["n"], time.monotonic()
+        growth = rss_bytes(worker) - rss_before
+        assert pushed["n"] < 128 << 20, f"{pushed['n'] / 2**20:.0f} MiB went in unread"
+        assert growth < RSS_BOUND, f"worker RSS grew {growth / 2**20:.1f} MiB"
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+        sock.close()
+    finally:
+        hold.set()
+        sink.close()
+    proc.wait_for("tunnel_closed", lambda e: e["target"].endswith(f":{sink.port}"))
+    assert crash_lines(proc) == []
+
+
 # -- c. broken targets ---------------------------------------------------------------
 
 PREFIX = os.urandom(32 * 1024)  # under the relay's 64 KiB read: no splice involved
