@@ -604,7 +604,9 @@ def run_column(bench: Bench, col: Column, run: int) -> dict[str, Sample]:
             proxy.stop()
     if proxy is not None and col.key.startswith("socksd"):
         # Counted after the stop, so lines the logger still buffered are in (or lost).
-        lines = proxy.log.read_bytes().count(b'"tunnel_closed"')
+        log = proxy.log.read_bytes()
+        # TCP tunnels only: the UDP figure's association has its own closing line.
+        lines = log.count(b'"tunnel_closed"') - log.count(b'"command":"udp_associate"')
         samples["tunnel_closed_lines"] = Sample(lines, 0, Cpu(0, 0, 0))
     return samples
 
