@@ -214,10 +214,10 @@ class Session:
                 return
             if isinstance(event, Greeting):
                 self._on_greeting(event)
-            elif isinstance(event, UserPassAuth):
-                self._on_auth(event)
             elif isinstance(event, CommandRequest):
                 self._on_request(event)
+            elif isinstance(event, UserPassAuth):
+                self._on_auth(event)
             elif isinstance(event, ConnectionClosed):
                 self._end_quietly("client_closed")
 
@@ -722,7 +722,20 @@ class Session:
         return round((self._loop.now - self._started) * 1000, 1)
 
     def _write(self, data: bytes) -> bool:
-        """Queue and try to send; False when the client is gone (the caller ends us)."""
+        """Send, queueing what the socket does not take; False when the client is gone
+        (the caller ends us)."""
+        if not self._out and self.phase is not Phase.DRAINING:
+            # The usual case (a 2- or 10-byte answer into an empty socket buffer): sent
+            # whole, nothing queued, so the registered interest stays as it is.
+            try:
+                sent = self.client.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                return False
+            if sent == len(data):
+                return True
+            data = data[sent:]
         self._out += data
         return self._flush()
 
