@@ -82,6 +82,7 @@ class EgressPolicy:
             source = self.source(ingress_ip, family)
             if source is not None:
                 out.append((source, family, sockaddr))
-        ingress_family = family_of(ingress_ip)
-        out.sort(key=lambda c: c[1] != ingress_family)  # stable: resolver order kept
+        if len(out) > 1:
+            ingress_family = family_of(ingress_ip)
+            out.sort(key=lambda c: c[1] != ingress_family)  # stable: resolver order kept
         return out

@@ -303,12 +303,15 @@ class Relay:
 
     def _update(self, side: _Side) -> None:
         """Register exactly the events this side needs now."""
+        peer = side.peer
+        # owed() spelled out: this runs several times per tunnel.
         want = 0
-        if not side.eof and not side.peer.owed() and not side.peer.wr_closed:
-            want |= EVENT_READ
-        if side.owed():
+        if not side.eof and not (peer.pending or peer.piped) and not peer.wr_closed:
+            want = EVENT_READ
+        if side.pending or side.piped:
             want |= EVENT_WRITE
-        side.mask = self._loop.set_interest(side.sock, side.mask, want, side)
+        if want != side.mask:
+            side.mask = self._loop.set_interest(side.sock, side.mask, want, side)
 
     # -- endings --------------------------------------------------------------------
 

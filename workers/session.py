@@ -54,6 +54,8 @@ _RECV = 16 * 1024
 # close ourselves (RFC 1928 section 6 allows up to 10 s).
 DRAIN_TIMEOUT = 2.0
 _NO_USER = UserAccess()
+# Enum.name is a Python-level property: one dict lookup instead, per request.
+_COMMAND_NAMES = {c: c.name.lower() for c in Command}
 
 
 class Phase(Enum):
@@ -272,7 +274,7 @@ class Session:
 
     def _on_request(self, event: CommandRequest) -> None:
         self.log = self.log.bind(
-            target=hostport(event.host, event.port), command=event.command.name.lower()
+            target=hostport(event.host, event.port), command=_COMMAND_NAMES[event.command]
         )
         if self._socks4 and not self._socks4_user():
             return
