@@ -267,6 +267,9 @@ def _ipv4_packed(text: str) -> bytes | None:
     return octets
 
 
+_ENCODED_IPV4: dict[str, bytes] = {}  # dotted quad -> ATYP + 4 bytes (bounded memo)
+
+
 def encode_address(address: str | None) -> bytes:
     """Encode ATYP + BND.ADDR (RFC 1928 §5)."""
     if address is None:
@@ -274,9 +277,15 @@ def encode_address(address: str | None) -> bytes:
     if not isinstance(address, str):
         # ip_address() would also take packed bytes or an int; refuse both.
         raise LocalProtocolError(f"bad BND.ADDR {address!r}")
+    encoded = _ENCODED_IPV4.get(address)
+    if encoded is not None:  # a worker's replies name its few egress IPs over and over
+        return encoded
     packed = _ipv4_packed(address)
     if packed is not None:  # the common case (a dotted quad from getsockname): no ipaddress
-        return bytes([AddressType.IPV4]) + packed
+        encoded = bytes([AddressType.IPV4]) + packed
+        if len(_ENCODED_IPV4) < 1024:
+            _ENCODED_IPV4[address] = encoded
+        return encoded
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
