@@ -61,6 +61,8 @@ Figures: medians of --runs runs (failures are totals over all runs):
 --floor adds `bench/floor.py` (tunnels/s and TTFB only): the least Python a SOCKS5
 CONNECT tunnel can cost with socksd's syscalls and nothing else, so the distance from
 socksd to it is the price of socksd's structure, not of Python.
+Per-run ratios: socksd / baseline within each run (measured minutes apart), median and
+range; steadier than the ratio of medians when the host drifts during a run.
 Ratios are socksd (the first --workers value) / baseline: above 1 is better for
 tunnels/s and MiB/s; below 1 is better for TTFB and RSS.
 """
@@ -664,6 +666,41 @@ def ratios(medians: dict[str, dict[str, float]], ours: str) -> dict[str, dict[st
     return out
 
 
+def paired_ratios(
+    runs: dict[str, list[dict[str, Sample]]], ours: str
+) -> dict[str, dict[str, list[float]]]:
+    """socksd / baseline within each run (both measured minutes apart), per metric.
+
+    A host that drifts during a run moves both sides of a pair alike, so the median of
+    these is steadier than the ratio of the two medians.
+    """
+    out: dict[str, dict[str, list[float]]] = {}
+    for other, name in (("microsocks", "microsocks"), ("pproxy", "pproxy"), ("floor", "floor")):
+        if other not in runs or ours not in runs:
+            continue
+        per_metric: dict[str, list[float]] = {}
+        for metric in ("tunnels_per_s", "ttfb_p99_ms", "mib_s_1"):
+            pairs = [
+                a[metric].value / b[metric].value
+                for a, b in zip(runs[ours], runs[other], strict=False)
+                if metric in a and metric in b and b[metric].value
+            ]
+            if pairs:
+                per_metric[metric] = sorted(pairs)
+        out[f"socksd/{name}"] = per_metric
+    return out
+
+
+def print_paired(paired: dict[str, dict[str, list[float]]]) -> None:
+    print("\nPer-run ratios (socksd / baseline in the same run): median [lowest-highest]")
+    for name, metrics in paired.items():
+        cells = [
+            f"{metric} {statistics.median(v):.2f} [{v[0]:.2f}-{v[-1]:.2f}]"
+            for metric, v in metrics.items()
+        ]
+        print(f"  {name:20} " + "   ".join(cells))
+
+
 def print_table(columns: list[Column], summary: dict[str, Any], ratio: dict[str, Any]) -> None:
     med, fails = summary["medians"], summary["failures"]
     heads = [c.label for c in columns] + list(ratio)
@@ -864,6 +901,8 @@ def main() -> int:
         summary = summarize(runs)
         ratio = ratios(summary["medians"], columns[0].key)
         print_table(columns, summary, ratio)
+        paired = paired_ratios(runs, columns[0].key)
+        print_paired(paired)
         print_extras(columns, summary, sus, settings)
         elapsed = time.monotonic() - started
         print(f"total time {elapsed:.0f} s")
@@ -873,6 +912,7 @@ def main() -> int:
                 "notes": notes,
                 **summary,
                 "ratios": ratio,
+                "paired_ratios": paired,
                 "sustained": sus,
                 "runs": {
                     k: [{m: asdict(s) for m, s in r.items()} for r in v] for k, v in runs.items()
