@@ -214,6 +214,10 @@ class _Table:
         self._path = path
         self._used: set[str] = set()
 
+    @property
+    def path(self) -> str:
+        return self._path
+
     def key(self, name: str) -> str:
         return f"{self._path}.{name}" if self._path else name
 
@@ -315,6 +319,18 @@ def _parse_network(value: object, key: str) -> ipaddress.IPv4Network | ipaddress
     raise ConfigError(f"{key}: must be an IP address or CIDR, got {value!r}")
 
 
+def _tables(value: object, key: str) -> list[_Table]:
+    """An array of tables (`[[key]]`), each as a `_Table` named `key[i]`."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: must be an array of tables ([[{key}]])")
+    out = []
+    for i, raw in enumerate(value):
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{key}[{i}]: must be a table")
+        out.append(_Table(raw, f"{key}[{i}]"))
+    return out
+
+
 def _parse_egress(t: _Table) -> EgressConfig:
     default = EgressConfig()
     rt = t.table("retry")
@@ -327,14 +343,8 @@ def _parse_egress(t: _Table) -> EgressConfig:
             raise ConfigError(f"{rt.key('delays')}[{i}]: must be a number of seconds in 0..60")
         delays.append(float(d))
     rt.done()
-    maps_raw = t.get("map", [])
-    if not isinstance(maps_raw, list):
-        raise ConfigError(f"{t.key('map')}: must be an array of tables ([[egress.map]])")
     mappings = []
-    for i, raw in enumerate(maps_raw):
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{t.key('map')}[{i}]: must be a table")
-        mt = _Table(raw, f"{t.key('map')}[{i}]")
+    for mt in _tables(t.get("map", []), t.key("map")):
         ingress = _parse_network(mt.get("ingress"), mt.key("ingress"))
         v4 = mt.get("ipv4")
         v6 = mt.get("ipv6")
@@ -403,13 +413,8 @@ def _parse_nets(value: object, key: str) -> list[ipaddress.IPv4Network | ipaddre
 
 def _parse_rules(value: object, key: str, address_key: str) -> tuple[access.Rule, ...]:
     """An array of {action, <address_key>, ports} tables; first match wins."""
-    if not isinstance(value, list):
-        raise ConfigError(f"{key}: must be an array of tables ([[{key}]])")
     rules = []
-    for i, raw in enumerate(value):
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{key}[{i}]: must be a table")
-        rt = _Table(raw, f"{key}[{i}]")
+    for rt in _tables(value, key):
         action = rt.get("action")
         if action not in ("allow", "deny"):
             raise ConfigError(f'{rt.key("action")}: must be "allow" or "deny", got {action!r}')
@@ -419,7 +424,7 @@ def _parse_rules(value: object, key: str, address_key: str) -> tuple[access.Rule
         if address_key == "to" and rt.get("ports") is not None:
             ports = _parse_ports(rt.get("ports"), rt.key("ports"))
         rt.done()
-        rules.append(access.make_rule(action, nets, ports, f"{key}[{i}]"))
+        rules.append(access.make_rule(action, nets, ports, rt.path))
     return tuple(rules)
 
 
