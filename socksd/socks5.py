@@ -431,14 +431,17 @@ def _parse_request(buf: bytearray) -> tuple[Event, int] | None:
         addr_start, addr_end = 4, 4 + _FIXED_ADDRESS_LEN[atyp]
     if size < addr_end:
         return None
-    host = decode_address(atyp, bytes(buf[addr_start:addr_end]))
+    if atyp is AddressType.IPV4:  # the common case, read in place: no slice, no copy
+        host: str | None = "%d.%d.%d.%d" % (buf[4], buf[5], buf[6], buf[7])  # noqa: UP031
+    else:
+        host = decode_address(atyp, bytes(buf[addr_start:addr_end]))
     if host is None:
         reply = _encode_reply(Reply.HOST_UNREACHABLE)
         raise ProtocolError("bad_domain_name", reply)
     end = addr_end + 2
     if size < end:
         return None
-    port = int.from_bytes(buf[addr_end:end], "big")
+    port = (buf[addr_end] << 8) | buf[addr_end + 1]
     return CommandRequest(command, atyp, host, port), end
 
 
@@ -450,6 +453,8 @@ _READERS: Final[Mapping[State, tuple[_Parser, State]]] = {
 }
 
 _AWAITING_SEND: Final = frozenset({State.SEND_METHOD, State.SEND_AUTH_STATUS, State.SEND_REPLY})
+# States in which next_event() with nothing buffered simply waits.
+_LIVE: Final = frozenset(_READERS) | _AWAITING_SEND
 
 # The transition table. CLOSED is reached by EOF from reading states, by a
 # refusing send() from SEND_* states; ERROR by a ProtocolError, including a
@@ -464,6 +469,11 @@ _TRANSITIONS: Final[Mapping[State, frozenset[State]]] = {
     State.RELAYING: frozenset({State.ERROR}),
     State.CLOSED: frozenset(),
     State.ERROR: frozenset(),
+}
+
+# The answer selecting each method we can serve.
+_SELECTED: Final[Mapping[int, bytes]] = {
+    m: bytes([SOCKS_VERSION, m]) for m in (Method.NO_AUTH, Method.USERNAME_PASSWORD)
 }
 
 # Methods we can run the sub-negotiation for, and where each leads.
@@ -578,6 +588,8 @@ class Socks5ServerConnection:
         """
         if self._error is not None:
             self._raise_if_failed()
+        if not self._buffer and not self._eof and self._state in _LIVE:
+            return NEED_DATA  # nothing to parse (the usual call after an answer)
         reader = _READERS.get(self._state)
         if reader is None:
             if self._state in _AWAITING_SEND:
@@ -644,7 +656,7 @@ class Socks5ServerConnection:
         if method not in self._offered:
             # RFC 1928 §3: the server selects from the methods given.
             raise LocalProtocolError(f"method {method!r} was not offered")
-        return bytes([SOCKS_VERSION, method]), next_state
+        return _SELECTED[method], next_state
 
     def _encode_command_reply(self, message: CommandReply) -> tuple[bytes, State]:
         self._expect(State.SEND_REPLY, message)
