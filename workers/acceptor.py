@@ -45,9 +45,10 @@ class Acceptor:
         for _ in range(ACCEPT_BURST):
             try:
                 # socket.accept() minus its per-call enum conversions of family and
-                # type and its timeout dance (~2 us a client): the fd, then our socket.
+                # type and its timeout dance (~2 us a client): the fd, then our socket,
+                # of the C type (SocketType: no Python-level __init__ or close()).
                 fd, peer = self.sock._accept()  # type: ignore[attr-defined]
-                client = socket.socket(self._family, socket.SOCK_STREAM, 0, fd)
+                client = socket.SocketType(self._family, socket.SOCK_STREAM, 0, fd)
             except BlockingIOError:
                 return
             except OSError as exc:

@@ -18,7 +18,6 @@ import socket
 import struct
 from typing import Any, Protocol
 
-from socksd.config import hostport
 from socksd.socks5 import Reply
 from workers.loop import EVENT_WRITE, Loop, Timer
 from workers.pressure import PortPressure, TargetCounters
@@ -72,7 +71,7 @@ def errno_name(err: int) -> str:
 class ConnectOwner(Protocol):
     """Who is told how a connect attempt ended (a session)."""
 
-    def on_egress_connected(self, sock: socket.socket, lease: TargetCounters) -> None:
+    def on_egress_connected(self, sock: socket.SocketType, lease: TargetCounters) -> None:
         """`sock` is connected and still registered for EVENT_WRITE with the connector:
         the new owner takes the registration over (Loop.modify), saving two syscalls."""
 
@@ -80,7 +79,7 @@ class ConnectOwner(Protocol):
     def on_crash(self, exc: BaseException) -> None: ...
 
 
-def abort(sock: socket.socket) -> None:
+def abort(sock: socket.SocketType) -> None:
     """Close with SO_LINGER {1, 0}: an RST, no TIME_WAIT left holding the 4-tuple."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
@@ -120,14 +119,14 @@ class Connector:
         owner: ConnectOwner,
         retry_delays: tuple[float, ...],
     ) -> None:
-        self.sock: socket.socket | None = None
+        self.sock: socket.SocketType | None = None
         self.source = source
         self.family = family
         self.target = target
         self._loop = loop
         self._owner = owner
         self._pressure = pressure
-        self._tc = pressure.target(source, hostport(target[0], target[1]))
+        self._tc = pressure.target(source, target[0], target[1])
         self._delays = retry_delays
         self._attempts = 0
         self._timer: Timer | None = None
@@ -143,8 +142,9 @@ class Connector:
         ipc = self._tc.ipc
         self._attempts += 1
         try:
-            # Non-blocking from birth: no ioctl(FIONBIO) afterwards.
-            sock = socket.socket(self.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            # Non-blocking from birth: no ioctl(FIONBIO) afterwards. The C socket type
+            # (SocketType): no Python-level __init__ or close() wrapper per tunnel.
+            sock = socket.SocketType(self.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as exc:
             return self._failed("socket", exc.errno or errno.EIO)
         stage = "socket"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+from socksd.config import hostport
 from socksd.kernel import KernelSettings
 from socksd.stats import EgressIpStats, EgressSnapshot, TargetPressure
 
@@ -119,7 +120,9 @@ class PortPressure:
         self._max_targets = max_targets
         self._log = log
         self.ips: dict[str, IpCounters] = {}
-        self.targets: dict[tuple[str, str], TargetCounters] = {}
+        # Keyed by (egress IP, target host, port): the "host:port" text is made once
+        # per target, not once per connect.
+        self.targets: dict[tuple[str, str, int], TargetCounters] = {}
 
     def ip(self, ip: str) -> IpCounters:
         ipc = self.ips.get(ip)
@@ -128,13 +131,13 @@ class PortPressure:
             ipc = self.ips[ip] = IpCounters(ip, self.settings.reuse_window(loopback))
         return ipc
 
-    def target(self, ip: str, target: str) -> TargetCounters:
-        key = (ip, target)
+    def target(self, ip: str, host: str, port: int) -> TargetCounters:
+        key = (ip, host, port)
         tc = self.targets.get(key)
         if tc is None:
             if len(self.targets) >= self._max_targets:
                 self._evict()
-            tc = self.targets[key] = TargetCounters(self.ip(ip), target)
+            tc = self.targets[key] = TargetCounters(self.ip(ip), hostport(host, port))
         return tc
 
     def _evict(self) -> None:

@@ -39,7 +39,7 @@ class _Handler:
 
     __slots__ = ("assoc", "kind", "sock")
 
-    def __init__(self, assoc: UdpAssociation, kind: str, sock: socket.socket) -> None:
+    def __init__(self, assoc: UdpAssociation, kind: str, sock: socket.SocketType) -> None:
         self.assoc = assoc
         self.kind = kind
         self.sock = sock
@@ -65,7 +65,7 @@ class UdpAssociation:
     def __init__(
         self,
         ctx: WorkerContext,
-        control: socket.socket,
+        control: socket.SocketType,
         control_mask: int,
         relay: socket.socket,
         *,
@@ -253,7 +253,7 @@ class UdpAssociation:
 
     # -- targets -> client -------------------------------------------------------------
 
-    def from_target(self, sock: socket.socket) -> None:
+    def from_target(self, sock: socket.SocketType) -> None:
         header_room = 22  # the longest header (IPv6) goes in front of the payload
         for _ in range(BURST):
             try:

@@ -78,7 +78,7 @@ def test_read_kernel_settings_from_a_tree(tmp_path):
 def test_pressure_counts_open_and_recent_closes_in_the_window():
     log = _Log()
     p = PortPressure(_settings(port_range=(50000, 50009)), 0.5, 64, log)
-    tc = p.target("192.0.2.1", "198.51.100.3:80")
+    tc = p.target("192.0.2.1", "198.51.100.3", 80)
     for _ in range(4):
         p.opened(tc, now=100.0)
     assert p.pressure(tc, 100.0) == 0.4
@@ -100,7 +100,7 @@ def test_pressure_counts_open_and_recent_closes_in_the_window():
 def test_exhaustion_is_counted_always_and_logged_at_most_once_a_second():
     log = _Log()
     p = PortPressure(_settings(), 0.8, 64, log)
-    tc = p.target("192.0.2.1", "198.51.100.3:80")
+    tc = p.target("192.0.2.1", "198.51.100.3", 80)
     for i in range(5):
         p.exhausted(tc, now=10.0 + i * 0.1, attempts=4)
     p.exhausted(tc, now=11.05, attempts=4)
@@ -112,13 +112,13 @@ def test_exhaustion_is_counted_always_and_logged_at_most_once_a_second():
 
 def test_tracked_targets_stay_bounded_and_keep_the_hot_ones():
     p = PortPressure(_settings(), 0.8, 32, _Log())
-    hot = p.target("192.0.2.1", "198.51.100.3:80")
+    hot = p.target("192.0.2.1", "198.51.100.3", 80)
     for _ in range(10):
         p.opened(hot, now=1.0)
     for i in range(10_000):
-        p.target("192.0.2.1", f"203.0.113.{i % 250}:{1000 + i}")
+        p.target("192.0.2.1", f"203.0.113.{i % 250}", 1000 + i)
     assert len(p.targets) <= 32
-    assert p.targets[("192.0.2.1", "198.51.100.3:80")] is hot
+    assert p.targets[("192.0.2.1", "198.51.100.3", 80)] is hot
     assert p.snapshot(1.0).ip("192.0.2.1").open == 10
 
 
