@@ -55,7 +55,7 @@ class _Side:
         "bulk",
     )
 
-    def __init__(self, sock: socket.socket, relay: Relay, pending: bytes) -> None:
+    def __init__(self, sock: socket.SocketType, relay: Relay, pending: bytes) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.relay = relay
@@ -73,7 +73,41 @@ class _Side:
         return bool(self.pending) or self.piped > 0
 
     def on_readable(self) -> None:
-        self.relay.pump(self)
+        """Readable: move one read's worth of bytes to the peer.
+
+        The common case (a read that the peer takes whole) runs here without further
+        calls: it is ~4 of a short tunnel's ~10 loop events."""
+        relay = self.relay
+        if self.bulk:
+            relay._splice_in(self)
+            return
+        try:
+            n = self.sock.recv_into(relay._view, relay._size)
+        except BlockingIOError:
+            return
+        except _DISCONNECTS as exc:
+            relay._abort(self, exc)
+            return
+        relay._last = relay._loop.now
+        if n == 0:
+            relay._eof(self)
+            return
+        if n == relay._size and relay._pipes is not None:
+            self.bulk = True  # a full buffer: a bulk flow, kernel to kernel from now on
+        dst = self.peer
+        try:
+            sent = dst.sock.send(relay._view[:n])
+        except BlockingIOError:
+            sent = 0
+        except _DISCONNECTS as exc:
+            relay._abort(dst, exc)
+            return
+        dst.sent += sent
+        if sent < n:
+            # Back-pressure: keep the rest, stop reading here until dst drains it.
+            dst.pending = bytes(relay._view[sent:n])
+            relay._update(self)
+            relay._update(dst)
 
     def on_writable(self) -> None:
         self.relay.flush(self)
@@ -108,8 +142,8 @@ class Relay:
         self,
         loop: Loop,
         buffer: memoryview,
-        client: socket.socket,
-        upstream: socket.socket,
+        client: socket.SocketType,
+        upstream: socket.SocketType,
         *,
         to_client: bytes,
         to_upstream: bytes,
@@ -164,34 +198,6 @@ class Relay:
 
     # -- data movement --------------------------------------------------------------
 
-    def pump(self, src: _Side) -> None:
-        """`src` is readable: move one read's worth of bytes to its peer."""
-        if src.bulk:
-            self._splice_in(src)
-            return
-        dst = src.peer
-        try:
-            n = src.sock.recv_into(self._view, self._size)
-        except BlockingIOError:
-            return
-        except _DISCONNECTS as exc:
-            self._abort(src, exc)
-            return
-        self._last = self._loop.now
-        if n == 0:
-            self._eof(src)
-            return
-        if n == self._size and self._pipes is not None:
-            src.bulk = True  # a full buffer: a bulk flow, kernel to kernel from now on
-        sent = self._send(dst, self._view[:n])
-        if sent is None:
-            return
-        if sent < n:
-            # Back-pressure: keep the rest, stop reading src until dst drains it.
-            dst.pending = bytes(self._view[sent:n])
-            self._update(src)
-            self._update(dst)
-
     def _eof(self, src: _Side) -> None:
         src.eof = True
         if src is self.upstream and not src.wr_closed:
@@ -214,7 +220,7 @@ class Relay:
         pipe = dst.pipe or self._pipes.borrow()
         if pipe is None:
             src.bulk = False  # no pipe to be had: copy through user space instead
-            self.pump(src)
+            src.on_readable()
             return
         try:
             n = os.splice(src.fd, pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)

@@ -54,6 +54,10 @@ _RECV = 16 * 1024
 # close ourselves (RFC 1928 section 6 allows up to 10 s).
 DRAIN_TIMEOUT = 2.0
 _NO_USER = UserAccess()
+_WITH_AUTH = (Method.USERNAME_PASSWORD,)
+_WITHOUT_AUTH = (Method.NO_AUTH,)
+# Answers are values: built once, not per client.
+_SELECTIONS: dict[int, MethodSelection] = {m: MethodSelection(m) for m in Method}
 # Enum.name is a Python-level property: one dict lookup instead, per request.
 _COMMAND_NAMES = {c: c.name.lower() for c in Command}
 
@@ -107,7 +111,9 @@ class Session:
         "_out",
         "_mask",
         "_started",
-        "log",
+        "_log",
+        "_context",
+        "_peer",
         "_ingress_ip",
         "_timer",
         "_candidates",
@@ -124,7 +130,7 @@ class Session:
     )
 
     def __init__(
-        self, ctx: WorkerContext, client: socket.socket, peer: tuple[Any, ...], ingress_ip: str
+        self, ctx: WorkerContext, client: socket.SocketType, peer: tuple[Any, ...], ingress_ip: str
     ) -> None:
         self._ctx = ctx
         self._loop = ctx.loop
@@ -135,11 +141,12 @@ class Session:
         self._mask = 0
         self._started = self._loop.now
         self._ingress_ip = ingress_ip
-        self.log = ctx.log.bind(
-            conn_id=ctx.next_conn_id(),
-            client=hostport(policy.normalize_ip(peer[0]), peer[1]),
-            ingress_ip=ingress_ip,
-        )
+        self._peer = peer
+        # The connection's log context, bound into a logger once: when something is
+        # logged before the tunnel opens (`log`), or at the relay handover (one
+        # structlog bind per tunnel instead of one per fact learned).
+        self._context: dict[str, Any] = {"conn_id": ctx.next_conn_id()}
+        self._log: Any = None
         self._candidates: deque[tuple[str, socket.AddressFamily, tuple[Any, ...]]] = deque()
         self._connector: egress.Connector | None = None
         self._failure: egress.EgressFailed | None = None
@@ -154,6 +161,28 @@ class Session:
         self._timer = self._loop.call_later(ctx.config.timeouts.handshake, self._on_timeout)
         ctx.open.add(self)
         self._update()
+
+    @property
+    def log(self) -> Any:
+        """This connection's logger, bound with everything known so far."""
+        if self._log is None:
+            self._log = self._ctx.log.bind(**self._full_context())
+        return self._log
+
+    def _learned(self, **fields: Any) -> None:
+        """Add to the log context (target, user, ...) of every later line."""
+        self._context.update(fields)
+        if self._log is not None:
+            self._log = self._log.bind(**fields)
+
+    def _full_context(self) -> dict[str, Any]:
+        peer = self._peer
+        return {
+            "conn_id": self._context["conn_id"],
+            "client": hostport(policy.normalize_ip(peer[0]), peer[1]),
+            "ingress_ip": self._ingress_ip,
+            **self._context,
+        }
 
     # -- loop callbacks ---------------------------------------------------------------
 
@@ -224,9 +253,9 @@ class Session:
                 self._end_quietly("client_closed")
 
     def _on_greeting(self, event: Greeting) -> None:
-        acceptable = (Method.USERNAME_PASSWORD,) if self._ctx.authenticator else (Method.NO_AUTH,)
+        acceptable = _WITH_AUTH if self._ctx.authenticator else _WITHOUT_AUTH
         method = choose_method(event.methods, acceptable)
-        if not self._write(self._codec.send(MethodSelection(method))):
+        if not self._write(self._codec.send(_SELECTIONS[method])):
             self._client_gone()
             return
         if method == Method.NO_ACCEPTABLE:
@@ -267,13 +296,13 @@ class Session:
             # RFC 1929: a non-zero status MUST be followed by closing the connection.
             self._handshake_failed("auth_failed", user=self._user)
             return
-        self.log = self.log.bind(user=self._user)
+        self._learned(user=self._user)
         self._transition(Phase.HANDSHAKE)
         self._update()
         self._process()
 
     def _on_request(self, event: CommandRequest) -> None:
-        self.log = self.log.bind(
+        self._learned(
             target=hostport(event.host, event.port), command=_COMMAND_NAMES[event.command]
         )
         if self._socks4 and not self._socks4_user():
@@ -309,7 +338,7 @@ class Session:
         if first == 4 and "socks4" in protocols:
             self._socks4 = True
             self._codec = Socks4ServerConnection(max_buffer=HANDSHAKE_BUFFER)  # type: ignore[assignment]
-            self.log = self.log.bind(protocol="socks4")
+            self._learned(protocol="socks4")
             return True
         if first == 5 and "socks5" not in protocols:
             self._handshake_failed("protocol_disabled", drain=False)
@@ -327,7 +356,7 @@ class Session:
             self._reply_failure(Reply.NOT_ALLOWED, "socks4_unknown_user", user=userid)
             return False
         self._user = userid
-        self.log = self.log.bind(user=userid)
+        self._learned(user=userid)
         return True
 
     def _start_bind(self, event: CommandRequest) -> None:
@@ -354,7 +383,7 @@ class Session:
         self._transition(Phase.BINDING)
         self._timer.cancel()
         self._timer = self._loop.call_later(self._ctx.config.timeouts.bind, self._on_timeout)
-        self.log = self.log.bind(bind=hostport(host, port))
+        self._learned(bind=hostport(host, port))
         reply = self._codec.send(CommandReply(Reply.SUCCEEDED, host, port, interim=True))
         if not self._write(reply):
             self._client_gone()
@@ -380,7 +409,7 @@ class Session:
         except ProtocolError as exc:  # more early payload than the buffer holds
             self._reply_failure(Reply.GENERAL_FAILURE, exc.reason, wire=exc.reply)
 
-    def on_bind_accepted(self, peer: socket.socket, address: tuple[Any, ...]) -> None:
+    def on_bind_accepted(self, peer: socket.SocketType, address: tuple[Any, ...]) -> None:
         self._bind = None
         verdict = self._ctx.destinations.check(
             address[0], address[1], self._ingress_ip, self._user_rules()
@@ -557,14 +586,14 @@ class Session:
         self._note_failure(failure, connector.source, connector.target)
         self._connect_next()
 
-    def on_egress_connected(self, upstream: socket.socket, lease: TargetCounters) -> None:
+    def on_egress_connected(self, upstream: socket.SocketType, lease: TargetCounters) -> None:
         self._connector = None
         bound = upstream.getsockname()
         self._relay(upstream, bound, lease, EVENT_WRITE)
 
     def _relay(
         self,
-        upstream: socket.socket,
+        upstream: socket.SocketType,
         bound: tuple[Any, ...],
         lease: TargetCounters | None,
         upstream_mask: int,
@@ -579,7 +608,7 @@ class Session:
         client_mask, self._mask = self._mask, 0  # the relay takes the registration over
         self._claim, claim = None, self._claim  # and the tunnel's place in the limits
         self._ctx.open.discard(self)
-        log = self.log.bind(egress=hostport(bound[0], bound[1]))
+        log = self._ctx.log.bind(**self._full_context(), egress=hostport(bound[0], bound[1]))
         log.debug("tunnel_opened")
         Relay(
             self._loop,
