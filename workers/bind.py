@@ -85,5 +85,5 @@ class BindWaiter:
     def cancel(self) -> None:
         sock, self.sock = self.sock, None
         if sock is not None:
-            self._ctx.loop.forget(sock)
+            self._ctx.loop.forget(sock.fileno())
             sock.close()

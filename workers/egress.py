@@ -162,7 +162,7 @@ class Connector:
         if err in (0, errno.EINPROGRESS):
             self.sock = sock
             self._pressure.opened(self._tc, self._loop.now)
-            self._loop.register(sock, EVENT_WRITE, self)
+            self._loop.set_interest(sock.fileno(), 0, EVENT_WRITE, self)
             return None
         abort(sock)
         if stage == "connect" and err == errno.EADDRNOTAVAIL:
@@ -198,7 +198,7 @@ class Connector:
         self.sock = None
         ipc = self._tc.ipc
         if err:
-            self._loop.forget(sock)  # aborted (closed) below
+            self._loop.forget(sock.fileno())  # aborted (closed) below
             self._tc.release(self._loop.now, time_wait=False)
             abort(sock)
             ipc.fail(errno_name(err))
@@ -213,7 +213,7 @@ class Connector:
             # The owner never took the socket over: it is still ours to unwind, or it
             # would stay registered (always writable) and hold its port forever.
             if sock.fileno() >= 0 and self._loop.handler_of(sock) is self:
-                self._loop.forget(sock)  # aborted (closed) below
+                self._loop.forget(sock.fileno())  # aborted (closed) below
                 self._tc.release(self._loop.now, time_wait=False)
                 abort(sock)
             raise
@@ -233,7 +233,7 @@ class Connector:
         sock, self.sock = self.sock, None
         if sock is None:
             return
-        self._loop.forget(sock)  # aborted (closed) below
+        self._loop.forget(sock.fileno())  # aborted (closed) below
         self._tc.release(self._loop.now, time_wait=False)
         abort(sock)
 

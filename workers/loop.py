@@ -74,6 +74,21 @@ def _noop(*_: object) -> None:
     return None
 
 
+class _NoHandler:
+    """Stands in for a handler where none is needed (unregistering)."""
+
+    def on_readable(self) -> None:  # pragma: no cover - never registered
+        raise AssertionError("no handler")
+
+    on_writable = on_readable
+
+    def on_crash(self, exc: BaseException) -> None:  # pragma: no cover
+        raise exc
+
+
+_NO_HANDLER = _NoHandler()
+
+
 class _Wakeup:
     """Read end of the eventfd that threads write to after posting a callback."""
 
@@ -121,14 +136,11 @@ class Loop:
         self.now = time.monotonic()
 
     # -- registration ---------------------------------------------------------------
+    # Set-up calls take file objects; the per-tunnel ones (set_interest, hand_over,
+    # forget) take the fd the caller keeps: no fileno() call per step.
 
     def register(self, fileobj: Any, events: int, handler: Handler) -> None:
-        fd = fileobj.fileno()
-        mask = _EPOLL_MASK[events]
-        self._epoll.register(fd, mask)
-        self._handlers[fd] = handler
-        self._masks[fd] = mask
-        self._fresh.add(fd)
+        self.set_interest(fileobj.fileno(), 0, events, handler)
 
     def modify(self, fileobj: Any, events: int, handler: Handler) -> None:
         """Change the events and/or the handler of a registered file object."""
@@ -141,36 +153,44 @@ class Loop:
 
     def unregister(self, fileobj: Any) -> None:
         """Stop watching `fileobj`; call it before closing the file object."""
-        fd = fileobj.fileno()
-        self._epoll.unregister(fd)
-        del self._handlers[fd]
-        del self._masks[fd]
+        self.set_interest(fileobj.fileno(), -1, 0, _NO_HANDLER)
 
-    def forget(self, fileobj: Any) -> None:
-        """Drop `fileobj` from the loop without epoll_ctl, because the caller closes it
+    def hand_over(self, fd: int, handler: Handler) -> None:
+        """Route a registered fd's events to another handler (no syscall)."""
+        self._handlers[fd] = handler
+
+    def forget(self, fd: int) -> None:
+        """Drop `fd` from the loop without epoll_ctl, because the caller closes it
         next: closing the last fd of a socket removes it from the epoll set anyway
         (our sockets are never dup'd). Saves a syscall per socket per tunnel."""
-        fd = fileobj.fileno()
         del self._handlers[fd]
         del self._masks[fd]
 
     def handler_of(self, fileobj: Any) -> Handler | None:
         return self._handlers.get(fileobj.fileno())
 
-    def set_interest(self, fileobj: Any, current: int, want: int, handler: Handler) -> int:
-        """Move a file object from `current` to `want` events (0 = not registered).
+    def set_interest(self, fd: int, current: int, want: int, handler: Handler) -> int:
+        """Move `fd` from `current` to `want` events (0 = not registered; -1 =
+        registered, events unknown).
 
         Returns `want`, for the caller to keep as its new `current`; no syscall when
         nothing changes, which is the common case on the relay's hot path.
         """
         if want == current:
             return want
+        if want == 0:
+            self._epoll.unregister(fd)
+            del self._handlers[fd]
+            del self._masks[fd]
+            return 0
+        mask = _EPOLL_MASK[want]
         if current == 0:
-            self.register(fileobj, want, handler)
-        elif want == 0:
-            self.unregister(fileobj)
+            self._epoll.register(fd, mask)
+            self._fresh.add(fd)
         else:
-            self.modify(fileobj, want, handler)
+            self._epoll.modify(fd, mask)
+        self._handlers[fd] = handler
+        self._masks[fd] = mask
         return want
 
     # -- timers and cross-thread posts ----------------------------------------------

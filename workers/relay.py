@@ -21,15 +21,17 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workers.egress import abort
 from workers.limits import Claim
 from workers.loop import EVENT_READ, EVENT_WRITE, Loop
-from workers.pipes import PIPE_SIZE, Pipe, PipePool
+from workers.pipes import PIPE_SIZE, Pipe
 from workers.pipes import close as close_pipe
 from workers.pressure import TargetCounters
-from workers.reporter import WorkerCounters
+
+if TYPE_CHECKING:
+    from workers.context import WorkerContext
 
 # Any socket error but EAGAIN ends the tunnel (ECONNRESET, EPIPE, ETIMEDOUT, and the
 # EHOSTUNREACH a dead peer's retransmissions end with): an abort, not a crash.
@@ -55,19 +57,19 @@ class _Side:
         "bulk",
     )
 
-    def __init__(self, sock: socket.SocketType, relay: Relay, pending: bytes) -> None:
+    def __init__(self, sock: socket.SocketType, relay: Relay, pending: bytes, mask: int) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.relay = relay
         self.peer: _Side = self
         self.pending = pending  # bytes owed to this socket
+        self.mask = mask  # events currently registered
         self.eof = False  # this socket sent FIN: nothing more to read from it
         self.wr_closed = False  # we sent FIN to this socket
-        self.mask = 0  # events currently registered
-        self.sent = 0  # bytes written to this socket
-        self.pipe: Pipe | None = None  # borrowed while bytes owed to this socket sit in it
-        self.piped = 0  # bytes owed to this socket that sit in `pipe`
         self.bulk = False  # reads FROM this socket go through splice
+        self.sent = 0  # bytes written to this socket
+        self.piped = 0  # bytes owed to this socket that sit in `pipe`
+        self.pipe: Pipe | None = None  # borrowed while bytes owed to this socket sit in it
 
     def owed(self) -> bool:
         return bool(self.pending) or self.piped > 0
@@ -140,61 +142,57 @@ class Relay:
 
     def __init__(
         self,
-        loop: Loop,
-        buffer: memoryview,
+        ctx: WorkerContext,
         client: socket.SocketType,
         upstream: socket.SocketType,
-        *,
         to_client: bytes,
         to_upstream: bytes,
         log: Any,
         started: float,
-        registry: set[Any],
-        counters: WorkerCounters,
-        lease: TargetCounters | None = None,
-        claim: Claim | None = None,
-        client_mask: int = 0,
-        upstream_mask: int = 0,
-        pipes: PipePool | None = None,
+        lease: TargetCounters | None,
+        claim: Claim | None,
+        client_mask: int,
+        upstream_mask: int,
     ) -> None:
-        self._loop = loop
-        self._view = buffer
-        self._size = len(buffer)
-        self.client = _Side(client, self, to_client)
-        self.upstream = _Side(upstream, self, to_upstream)
-        self.client.peer = self.upstream
-        self.upstream.peer = self.client
-        # Registrations handed over by the session and the connector (0: none): take
-        # them over (a dict update; epoll_ctl only when the mask changes).
-        for side, mask in ((self.client, client_mask), (self.upstream, upstream_mask)):
-            if mask:
-                loop.modify(side.sock, mask, side)
-                side.mask = mask
+        """Take over two connected sockets, with their loop registrations (masks, 0:
+        none), the bytes owed to each and the tunnel's bound logger."""
+        loop = self._loop = ctx.loop
+        self._view = ctx.buffer
+        self._size = len(ctx.buffer)
+        self._pipes = ctx.pipes  # None: splice off
+        self._counters = ctx.counters
+        self._registry = ctx.open
         self._log = log
-        self._reply_len = len(to_client)  # the SOCKS reply is not tunnel payload
         self._started = started
         self._last = loop.now
-        self.closed = False
-        self._registry = registry
-        registry.add(self)
         self._lease = lease
         self._claim = claim
-        self._counters = counters
-        self._pipes = pipes  # None: splice off
-        counters.open_tunnels += 1
+        self._reply_len = len(to_client)  # the SOCKS reply is not tunnel payload
+        self.closed = False
         # Who sent the first FIN on the upstream connection decides who keeps its
         # 4-tuple in TIME_WAIT: if we did, that quad is not reusable for a while.
         self._target_closed_first = False
-        for side in (self.client, self.upstream):
-            if side.pending:
-                # The SOCKS reply and the client's early payload: usually sent whole at
-                # once; whatever is left waits for EVENT_WRITE like any partial send.
-                sent = self._send(side, side.pending)
+        c = self.client = _Side(client, self, b"", client_mask)
+        u = self.upstream = _Side(upstream, self, b"", upstream_mask)
+        c.peer = u
+        u.peer = c
+        # The session's and the connector's registrations: a dict update each.
+        if client_mask:
+            loop.hand_over(c.fd, c)
+        if upstream_mask:
+            loop.hand_over(u.fd, u)
+        ctx.open.add(self)
+        self._counters.open_tunnels += 1
+        # The SOCKS reply and the client's early payload: usually sent whole at once;
+        # whatever is left waits for EVENT_WRITE like any partial send.
+        for side, data in ((c, to_client), (u, to_upstream)):
+            if data:
+                sent = self._send(side, data)
                 if sent is None:
                     return  # aborted
-                side.pending = side.pending[sent:]
-        self._update(self.client)
-        self._update(self.upstream)
+                side.pending = data[sent:]
+        self._update(c)
+        self._update(u)
 
     # -- data movement --------------------------------------------------------------
 
@@ -317,7 +315,7 @@ class Relay:
         if side.pending or side.piped:
             want |= EVENT_WRITE
         if want != side.mask:
-            side.mask = self._loop.set_interest(side.sock, side.mask, want, side)
+            side.mask = self._loop.set_interest(side.fd, side.mask, want, side)
 
     # -- endings --------------------------------------------------------------------
 
@@ -347,7 +345,7 @@ class Relay:
         self.closed = True
         for side in (self.client, self.upstream):
             if side.mask:
-                self._loop.forget(side.sock)  # closed on the next line
+                self._loop.forget(side.fd)  # closed on the next line
                 side.mask = 0
             if abortive:
                 abort(side.sock)

@@ -13,7 +13,6 @@ RELAYING, or -> DRAINING -> CLOSED after a failure reply. Every change goes thro
 from __future__ import annotations
 
 import socket
-from collections import deque
 from enum import Enum, auto
 from typing import Any
 
@@ -27,7 +26,6 @@ from socksd.socks5 import (
     Command,
     CommandReply,
     CommandRequest,
-    ConnectionClosed,
     Greeting,
     Method,
     MethodSelection,
@@ -54,6 +52,7 @@ _RECV = 16 * 1024
 # close ourselves (RFC 1928 section 6 allows up to 10 s).
 DRAIN_TIMEOUT = 2.0
 _NO_USER = UserAccess()
+AF_INET, AF_INET6 = socket.AF_INET, socket.AF_INET6
 _WITH_AUTH = (Method.USERNAME_PASSWORD,)
 _WITHOUT_AUTH = (Method.NO_AUTH,)
 # Answers are values: built once, not per client.
@@ -98,6 +97,21 @@ _ALLOWED: dict[Phase, frozenset[Phase]] = {
     Phase.CLOSED: frozenset(),
 }
 
+# Members used per connection, as module globals: in Python 3.11 `Phase.X` goes
+# through EnumType.__getattr__'s lookup hook (~70 ns; a global is ~7 ns).
+_HANDSHAKE = Phase.HANDSHAKE
+_AUTHENTICATING = Phase.AUTHENTICATING
+_RESOLVING = Phase.RESOLVING
+_CONNECTING = Phase.CONNECTING
+_BINDING = Phase.BINDING
+_RELAYING = Phase.RELAYING
+_DRAINING = Phase.DRAINING
+_CLOSED = Phase.CLOSED
+_CONNECT = Command.CONNECT
+_DOMAINNAME = AddressType.DOMAINNAME
+_IPV6 = AddressType.IPV6
+_SUCCEEDED = Reply.SUCCEEDED
+
 
 class Session:
     """The SOCKS5 handshake of one client, driven by loop callbacks."""
@@ -114,6 +128,7 @@ class Session:
         "_log",
         "_context",
         "_peer",
+        "_fd",
         "_ingress_ip",
         "_timer",
         "_candidates",
@@ -122,7 +137,6 @@ class Session:
         "_user",
         "_eof",
         "_claim",
-        "_peer_ip",
         "_deadline",
         "_first_byte",
         "_socks4",
@@ -133,40 +147,43 @@ class Session:
         self, ctx: WorkerContext, client: socket.SocketType, peer: tuple[Any, ...], ingress_ip: str
     ) -> None:
         self._ctx = ctx
-        self._loop = ctx.loop
+        loop = self._loop = ctx.loop
         self.client = client
+        self._fd = client.fileno()
         self._codec = Socks5ServerConnection(max_buffer=HANDSHAKE_BUFFER)
-        self.phase = Phase.HANDSHAKE
+        self.phase = _HANDSHAKE
         self._out = b""
-        self._mask = 0
-        self._started = self._loop.now
+        self._started = loop.now
         self._ingress_ip = ingress_ip
         self._peer = peer
         # The connection's log context, bound into a logger once: when something is
         # logged before the tunnel opens (`log`), or at the relay handover (one
         # structlog bind per tunnel instead of one per fact learned).
-        self._context: dict[str, Any] = {"conn_id": ctx.next_conn_id()}
+        self._context: dict[str, Any] = {
+            "conn_id": ctx.next_conn_id(),
+            "client": hostport(policy.normalize_ip(peer[0]), peer[1]),
+            "ingress_ip": ingress_ip,
+        }
         self._log: Any = None
-        self._candidates: deque[tuple[str, socket.AddressFamily, tuple[Any, ...]]] = deque()
+        self._candidates: list[tuple[str, socket.AddressFamily, tuple[Any, ...]]] = []
         self._connector: egress.Connector | None = None
         self._failure: egress.EgressFailed | None = None
         self._user: str | None = None
         self._claim: Claim | None = None  # this tunnel's place in per-IP/per-user counts
-        self._peer_ip: str = peer[0]
+        self._bind: BindWaiter | None = None
         self._deadline = 0.0  # when the connect phase times out (set with the request)
         self._first_byte = True  # the first byte read says SOCKS5 or SOCKS4
         self._socks4 = False
-        self._bind: BindWaiter | None = None
         self._eof = False  # FIN read, or early data while connecting: stop polling reads
-        self._timer = self._loop.call_later(ctx.config.timeouts.handshake, self._on_timeout)
+        self._timer = loop.call_later(ctx.config.timeouts.handshake, self._on_timeout)
         ctx.open.add(self)
-        self._update()
+        self._mask = loop.set_interest(self._fd, 0, EVENT_READ, self)
 
     @property
     def log(self) -> Any:
         """This connection's logger, bound with everything known so far."""
         if self._log is None:
-            self._log = self._ctx.log.bind(**self._full_context())
+            self._log = self._ctx.log.bind(**self._context)
         return self._log
 
     def _learned(self, **fields: Any) -> None:
@@ -175,22 +192,14 @@ class Session:
         if self._log is not None:
             self._log = self._log.bind(**fields)
 
-    def _full_context(self) -> dict[str, Any]:
-        peer = self._peer
-        return {
-            "conn_id": self._context["conn_id"],
-            "client": hostport(policy.normalize_ip(peer[0]), peer[1]),
-            "ingress_ip": self._ingress_ip,
-            **self._context,
-        }
-
     # -- loop callbacks ---------------------------------------------------------------
 
     def on_readable(self) -> None:
-        if self.phase is Phase.BINDING:
+        phase = self.phase
+        if phase is _BINDING:
             self._binding_readable()
             return
-        if self.phase in (Phase.RESOLVING, Phase.CONNECTING):
+        if phase is _CONNECTING or phase is _RESOLVING:
             # Early payload (or EOF) while we connect: leave it in the kernel for the
             # relay, and stop watching until then (level-triggered: it would spin).
             self._eof = True
@@ -201,12 +210,12 @@ class Session:
         except BlockingIOError:
             return
         except OSError as exc:
-            if self.phase is Phase.DRAINING:
+            if phase is _DRAINING:
                 self._finish()  # its one line was written when the failure was decided
             else:
                 self._end_quietly(f"client_{egress.errno_name(exc.errno or 0)}")
             return
-        if self.phase is Phase.DRAINING:
+        if phase is _DRAINING:
             if not data:
                 self._finish()
             return  # discard: the client is told already, we only wait for its FIN
@@ -235,21 +244,23 @@ class Session:
     # -- the conversation -------------------------------------------------------------
 
     def _process(self) -> None:
-        while self.phase is Phase.HANDSHAKE:
+        codec = self._codec
+        while self.phase is _HANDSHAKE:
             try:
-                event = self._codec.next_event()
+                event = codec.next_event()
             except ProtocolError as exc:
                 self._protocol_error(exc)
                 return
             if event is NEED_DATA:
                 return
-            if isinstance(event, Greeting):
-                self._on_greeting(event)
-            elif isinstance(event, CommandRequest):
-                self._on_request(event)
-            elif isinstance(event, UserPassAuth):
-                self._on_auth(event)
-            elif isinstance(event, ConnectionClosed):
+            kind = type(event)
+            if kind is Greeting:
+                self._on_greeting(event)  # type: ignore[arg-type]
+            elif kind is CommandRequest:
+                self._on_request(event)  # type: ignore[arg-type]
+            elif kind is UserPassAuth:
+                self._on_auth(event)  # type: ignore[arg-type]
+            else:  # ConnectionClosed
                 self._end_quietly("client_closed")
 
     def _on_greeting(self, event: Greeting) -> None:
@@ -265,9 +276,9 @@ class Session:
     def _on_auth(self, event: UserPassAuth) -> None:
         assert self._ctx.authenticator is not None  # the codec only asks after 0x02
         self._user = event.username.decode("utf-8", "replace")
-        self._transition(Phase.AUTHENTICATING)
+        self._transition(_AUTHENTICATING)
         self._update()
-        delay = self._ctx.limits.auth_delay(self._peer_ip, self._loop.now)
+        delay = self._ctx.limits.auth_delay(self._peer[0], self._loop.now)
         if delay:
             # Repeated failures from this IP: its next answer waits (a timer, the loop
             # keeps serving everyone else). The handshake timeout still applies.
@@ -276,19 +287,19 @@ class Session:
         self._check_auth(event.username, event.password)
 
     def _check_auth(self, username: bytes, password: bytes) -> None:
-        if self.phase is not Phase.AUTHENTICATING:
+        if self.phase is not _AUTHENTICATING:
             return  # timed out or closed while the back-off ran
         assert self._ctx.authenticator is not None
         self._ctx.authenticator.check(username, password, self._on_auth_verdict)
 
     def _on_auth_verdict(self, ok: bool) -> None:
-        if self.phase is not Phase.AUTHENTICATING:
+        if self.phase is not _AUTHENTICATING:
             return  # timed out or closed while scrypt ran
         limits = self._ctx.limits
         if ok:
-            limits.auth_succeeded(self._peer_ip)
+            limits.auth_succeeded(self._peer[0])
         else:
-            limits.auth_failed(self._peer_ip, self._loop.now)
+            limits.auth_failed(self._peer[0], self._loop.now)
         if not self._write(self._codec.send(AuthStatus(ok))):
             self._client_gone()
             return
@@ -297,7 +308,7 @@ class Session:
             self._handshake_failed("auth_failed", user=self._user)
             return
         self._learned(user=self._user)
-        self._transition(Phase.HANDSHAKE)
+        self._transition(_HANDSHAKE)
         self._update()
         self._process()
 
@@ -307,27 +318,30 @@ class Session:
         )
         if self._socks4 and not self._socks4_user():
             return
-        if not self._admit():
+        if (self._user is not None or self._ctx.limits.claims_needed) and not self._admit():
             return
-        if event.command is Command.BIND:
-            self._start_bind(event)
+        if event.command is not _CONNECT:
+            if event.command is Command.BIND:
+                self._start_bind(event)
+            else:
+                self._start_udp(event)
             return
-        if event.command is Command.UDP_ASSOCIATE:
-            self._start_udp(event)
-            return
-        connect_by = self._loop.now + self._ctx.config.timeouts.connect
+        loop = self._loop
+        wait = self._ctx.config.timeouts.connect
+        connect_by = loop.now + wait
         if connect_by < self._timer.when:
             self._timer.cancel()
-            self._timer = self._loop.call_later(self._ctx.config.timeouts.connect, self._on_timeout)
+            self._timer = loop.call_later(wait, self._on_timeout)
         # Else the handshake timer fires first and re-arms for the rest (_on_timeout):
         # most tunnels are connected long before, so this saves a timer per tunnel.
         self._deadline = connect_by
-        if event.address_type is AddressType.DOMAINNAME:
-            self._transition(Phase.RESOLVING)
-            self._update()
+        # The read interest is the same while resolving and connecting as in the
+        # handshake: no _update() for these transitions.
+        if event.address_type is _DOMAINNAME:
+            self._transition(_RESOLVING)
             self._ctx.resolver.resolve(event.host, event.port, self._on_resolved)
             return
-        family = socket.AF_INET6 if event.address_type is AddressType.IPV6 else socket.AF_INET
+        family = AF_INET6 if event.address_type is _IPV6 else AF_INET
         self._start_connecting([(family, (event.host, event.port))])
 
     # -- SOCKS4, BIND, UDP ASSOCIATE -------------------------------------------------------
@@ -380,7 +394,7 @@ class Session:
             )
             return
         host, port = self._bind.address
-        self._transition(Phase.BINDING)
+        self._transition(_BINDING)
         self._timer.cancel()
         self._timer = self._loop.call_later(self._ctx.config.timeouts.bind, self._on_timeout)
         self._learned(bind=hostport(host, port))
@@ -441,7 +455,7 @@ class Session:
             return
         host, port = relay.getsockname()[:2]
         self._timer.cancel()
-        self._transition(Phase.RELAYING)
+        self._transition(_RELAYING)
         reply = self._codec.send(CommandReply(Reply.SUCCEEDED, host, port))
         counters = self._ctx.counters
         counters.replied(Reply.SUCCEEDED)
@@ -458,7 +472,7 @@ class Session:
             log=self.log.bind(udp_relay=hostport(host, port)),
             started=self._started,
             ingress_ip=self._ingress_ip,
-            client_ip=policy.normalize_ip(self._peer_ip),
+            client_ip=policy.normalize_ip(self._peer[0]),
             announced=(announced, event.port),
             user_rules=self._user_rules(),
             claim=claim,
@@ -474,7 +488,8 @@ class Session:
         return self._ctx.config.access.users.get(self._user, _NO_USER).destinations
 
     def _admit(self) -> bool:
-        """Per-user ingress rule and the concurrency/rate limits; False: refused (0x02)."""
+        """Per-user ingress rule and the concurrency/rate limits; False: refused (0x02).
+        Only called with a user or with limits configured."""
         ctx = self._ctx
         user = self._user
         if user is not None:
@@ -486,7 +501,7 @@ class Session:
                 return False
         if not ctx.limits.claims_needed:
             return True
-        claim = ctx.limits.claim(self._peer_ip, user, self._loop.now)
+        claim = ctx.limits.claim(self._peer[0], user, self._loop.now)
         if isinstance(claim, str):
             self._reply_failure(Reply.NOT_ALLOWED, claim)
             return False
@@ -494,7 +509,7 @@ class Session:
         return True
 
     def _on_resolved(self, addresses: Any, error: BaseException | None) -> None:
-        if self.phase is not Phase.RESOLVING:
+        if self.phase is not _RESOLVING:
             return  # timed out or closed while the resolver ran
         if error is not None or not addresses:
             self._reply_failure(
@@ -504,13 +519,14 @@ class Session:
         self._start_connecting(addresses)
 
     def _start_connecting(self, addresses: list[tuple[socket.AddressFamily, Any]]) -> None:
-        self._transition(Phase.CONNECTING)
-        self._update()
+        self._transition(_CONNECTING)
         addresses = self._allowed(addresses)
         if not addresses:
             return
-        self._candidates = deque(self._ctx.policy.order_candidates(addresses, self._ingress_ip))
-        if not self._candidates:
+        candidates = self._ctx.policy.order_candidates(addresses, self._ingress_ip)
+        candidates.reverse()  # tried from the end: pop() is the next
+        self._candidates = candidates
+        if not candidates:
             # Never leave from another IP than the one the client came in on.
             self._reply_failure(Reply.HOST_UNREACHABLE, "no_egress_for_family")
             return
@@ -525,7 +541,7 @@ class Session:
         address is denied with it (no DNS-rebinding detour).
         """
         ctx = self._ctx
-        user_rules = self._user_rules()
+        user_rules = self._user_rules() if self._user is not None else ()
         allowed, denied = [], None
         for family, sockaddr in addresses:
             verdict = ctx.destinations.check(sockaddr[0], sockaddr[1], self._ingress_ip, user_rules)
@@ -548,7 +564,7 @@ class Session:
 
     def _connect_next(self) -> None:
         while self._candidates:
-            source, family, target = self._candidates.popleft()
+            source, family, target = self._candidates.pop()
             try:
                 self._connector = egress.connect(
                     self._loop,
@@ -581,7 +597,7 @@ class Session:
 
     def on_egress_failed(self, failure: egress.EgressFailed) -> None:
         connector, self._connector = self._connector, None
-        if self.phase is not Phase.CONNECTING or connector is None:
+        if self.phase is not _CONNECTING or connector is None:
             return
         self._note_failure(failure, connector.source, connector.target)
         self._connect_next()
@@ -599,49 +615,48 @@ class Session:
         upstream_mask: int,
     ) -> None:
         """Send the final success reply (BND = `bound`) and hand both sockets over."""
+        ctx = self._ctx
         self._timer.cancel()
-        self._transition(Phase.RELAYING)
-        reply = self._codec.send(CommandReply(Reply.SUCCEEDED, bound[0], bound[1]))
-        counters = self._ctx.counters
-        counters.replied(Reply.SUCCEEDED)
+        self._transition(_RELAYING)
+        codec = self._codec
+        reply = codec.send(CommandReply(_SUCCEEDED, bound[0], bound[1]))
+        counters = ctx.counters
+        counters.replied(_SUCCEEDED)
         counters.tunnels_opened += 1
-        client_mask, self._mask = self._mask, 0  # the relay takes the registration over
-        self._claim, claim = None, self._claim  # and the tunnel's place in the limits
-        self._ctx.open.discard(self)
-        log = self._ctx.log.bind(**self._full_context(), egress=hostport(bound[0], bound[1]))
+        ctx.open.discard(self)
+        log = ctx.log.bind(**self._context, egress=hostport(bound[0], bound[1]))
         log.debug("tunnel_opened")
+        # The relay takes over the client's registration and the tunnel's claim.
+        mask, self._mask = self._mask, 0
+        claim, self._claim = self._claim, None
         Relay(
-            self._loop,
-            self._ctx.buffer,
+            ctx,
             self.client,
             upstream,
-            to_client=self._out + reply,
-            to_upstream=self._codec.trailing_data,
-            log=log,
-            started=self._started,
-            registry=self._ctx.open,
-            counters=self._ctx.counters,
-            lease=lease,
-            claim=claim,
-            client_mask=client_mask,
-            upstream_mask=upstream_mask,
-            pipes=self._ctx.pipes,
+            self._out + reply,
+            codec.trailing_data,
+            log,
+            self._started,
+            lease,
+            claim,
+            mask,
+            upstream_mask,
         )
 
     # -- endings ------------------------------------------------------------------------
 
     def _on_timeout(self) -> None:
-        if self.phase in (Phase.HANDSHAKE, Phase.AUTHENTICATING):
+        if self.phase in (_HANDSHAKE, _AUTHENTICATING):
             self._handshake_failed("handshake_timeout", drain=False)
-        elif self.phase in (Phase.RESOLVING, Phase.CONNECTING):
+        elif self.phase in (_RESOLVING, _CONNECTING):
             left = self._deadline - self._loop.now
             if left > 0:  # the handshake's timer: the connect deadline is later
                 self._timer = self._loop.call_later(left, self._on_timeout)
                 return
             self._reply_failure(Reply.TTL_EXPIRED, "connect_timeout")
-        elif self.phase is Phase.BINDING:
+        elif self.phase is _BINDING:
             self._reply_failure(Reply.TTL_EXPIRED, "bind_timeout")
-        elif self.phase is Phase.DRAINING:
+        elif self.phase is _DRAINING:
             self._finish()
 
     def _reply_failure(
@@ -691,16 +706,16 @@ class Session:
 
     def _client_gone(self) -> None:
         """A write to the client failed (reset, closed)."""
-        if self.phase is Phase.DRAINING:
+        if self.phase is _DRAINING:
             self._finish()  # its line was logged when the failure reply was decided
         else:
             self._end_quietly("client_gone")
 
     def _drain(self) -> None:
         """Let the client read our last reply before we close (no RST over it)."""
-        if self.phase is Phase.CLOSED:
+        if self.phase is _CLOSED:
             return
-        self._transition(Phase.DRAINING)
+        self._transition(_DRAINING)
         self._timer.cancel()
         self._timer = self._loop.call_later(DRAIN_TIMEOUT, self._on_timeout)
         if not self._out:
@@ -718,14 +733,14 @@ class Session:
 
     def close(self, reason: str, abortive: bool = False) -> None:
         """Close now (worker shutdown)."""
-        if self.phase is not Phase.DRAINING:
+        if self.phase is not _DRAINING:
             self._handshake_failed(reason, drain=False)
         self._finish()
 
     def _finish(self) -> None:
-        if self.phase is Phase.CLOSED:
+        if self.phase is _CLOSED:
             return
-        self.phase = Phase.CLOSED
+        self.phase = _CLOSED
         self._timer.cancel()
         if self._connector is not None:
             self._connector.cancel()
@@ -734,7 +749,7 @@ class Session:
             self._bind.cancel()
             self._bind = None
         if self._mask:
-            self._loop.forget(self.client)  # closed on the next line
+            self._loop.forget(self._fd)  # closed on the next line
             self._mask = 0
         self.client.close()
         self._ctx.open.discard(self)
@@ -755,7 +770,7 @@ class Session:
     def _write(self, data: bytes) -> bool:
         """Send, queueing what the socket does not take; False when the client is gone
         (the caller ends us)."""
-        if not self._out and self.phase is not Phase.DRAINING:
+        if not self._out and self.phase is not _DRAINING:
             # The usual case (a 2- or 10-byte answer into an empty socket buffer): sent
             # whole, nothing queued, so the registered interest stays as it is.
             try:
@@ -781,22 +796,22 @@ class Session:
                 self._out = b""
                 return False
             self._out = self._out[sent:]
-            if not self._out and self.phase is Phase.DRAINING and not self._shutdown_write():
+            if not self._out and self.phase is _DRAINING and not self._shutdown_write():
                 return True  # the shutdown failed and finished the session
         self._update()
         return True
 
     def _update(self) -> None:
-        if self.phase in (Phase.CLOSED, Phase.RELAYING):
+        if self.phase in (_CLOSED, _RELAYING):
             return
         want = EVENT_WRITE if self._out else 0
         # Not while AUTHENTICATING: scrypt may take ~40 ms and a client must not be able
         # to overflow the handshake buffer with early payload meanwhile. While resolving
         # and connecting the read interest stays (the relay takes it over: two fewer
         # epoll_ctl per tunnel) until the client actually sends something.
-        if self.phase is Phase.DRAINING or (
-            self.phase in (Phase.HANDSHAKE, Phase.RESOLVING, Phase.CONNECTING, Phase.BINDING)
+        if self.phase is _DRAINING or (
+            self.phase in (_HANDSHAKE, _RESOLVING, _CONNECTING, _BINDING)
             and not self._eof
         ):
             want |= EVENT_READ
-        self._mask = self._loop.set_interest(self.client, self._mask, want, self)
+        self._mask = self._loop.set_interest(self._fd, self._mask, want, self)

@@ -325,10 +325,10 @@ class UdpAssociation:
         self._timer.cancel()
         loop = self._loop
         for sock in (self.control, self.relay):
-            loop.forget(sock)
+            loop.forget(sock.fileno())
             sock.close()
         for sock, ipc in self._egress.values():
-            loop.forget(sock)
+            loop.forget(sock.fileno())
             sock.close()
             ipc.udp_open -= 1
         self._egress.clear()
