@@ -286,6 +286,7 @@ def _ipv4_packed(text: str) -> bytes | None:
 
 _ENCODED_IPV4: dict[str, bytes] = {}  # dotted quad -> ATYP + 4 bytes (bounded memo)
 _REPLY_HEADS: Final[Mapping[int, bytes]] = {r: bytes([SOCKS_VERSION, r, 0x00]) for r in Reply}
+_SUCCESS_HEAD: Final = _REPLY_HEADS[Reply.SUCCEEDED]
 
 
 def encode_address(address: str | None) -> bytes:
@@ -424,6 +425,12 @@ _FIXED_ADDRESS_LEN: Final[Mapping[AddressType, int]] = {
 def _parse_request(buf: bytearray) -> tuple[Event, int] | None:
     # RFC 1928 §4: VER(1) CMD(1) RSV(1) ATYP(1) DST.ADDR(var) DST.PORT(2).
     size = len(buf)
+    if size >= 10 and buf[3] == 0x01 and buf[0] == SOCKS_VERSION:
+        # The usual request, a whole IPv4 one, in one step; the same result as below.
+        command = _COMMANDS.get(buf[1])
+        if command is not None:
+            quad = "%d.%d.%d.%d" % (buf[4], buf[5], buf[6], buf[7])  # noqa: UP031
+            return CommandRequest(command, _IPV4, quad, (buf[8] << 8) | buf[9]), 10
     if size < 1:
         return None
     if buf[0] != SOCKS_VERSION:
@@ -532,6 +539,8 @@ class Socks5ServerConnection:
     Raises:
         ValueError: ``max_buffer`` is not positive.
     """
+
+    __slots__ = ("_max_buffer", "_buffer", "_state", "_eof", "_offered", "_error")
 
     def __init__(self, max_buffer: int = 65536) -> None:
         if max_buffer < 1:
@@ -649,20 +658,20 @@ class Socks5ServerConnection:
             LocalProtocolError: Wrong state for the message, or a value RFC
                 1928/1929 does not allow here. The state is left unchanged.
         """
-        match message:
-            case MethodSelection():
-                data, next_state = self._encode_method(message)
-            case AuthStatus():
-                self._expect(State.SEND_AUTH_STATUS, message)
-                # RFC 1929 §2: on failure the server MUST close the connection.
-                if message.ok:
-                    data, next_state = _AUTH_SUCCESS, State.REQUEST
-                else:
-                    data, next_state = _AUTH_FAILURE, State.CLOSED
-            case CommandReply():
-                data, next_state = self._encode_command_reply(message)
-            case _:
-                raise LocalProtocolError(f"cannot send {message!r}")
+        # isinstance(), not `match`: a class pattern costs ~70 ns a case in 3.11.
+        if isinstance(message, CommandReply):
+            data, next_state = self._encode_command_reply(message)
+        elif isinstance(message, MethodSelection):
+            data, next_state = self._encode_method(message)
+        elif isinstance(message, AuthStatus):
+            self._expect(State.SEND_AUTH_STATUS, message)
+            # RFC 1929 §2: on failure the server MUST close the connection.
+            if message.ok:
+                data, next_state = _AUTH_SUCCESS, State.REQUEST
+            else:
+                data, next_state = _AUTH_FAILURE, State.CLOSED
+        else:
+            raise LocalProtocolError(f"cannot send {message!r}")
         self._transition(next_state)
         return data
 
@@ -670,9 +679,9 @@ class Socks5ServerConnection:
         if self._state is not _SEND_METHOD:
             self._expect(State.SEND_METHOD, message)
         method = message.method
-        if method == Method.NO_ACCEPTABLE:
+        if method == 0xFF:  # Method.NO_ACCEPTABLE
             # RFC 1928 §3: the client MUST close; we will not read more.
-            return _NO_ACCEPTABLE, State.CLOSED
+            return _NO_ACCEPTABLE, _CLOSED
         next_state = _AFTER_METHOD.get(method)
         if next_state is None:
             raise LocalProtocolError(f"method {method!r} is not implemented")
@@ -684,6 +693,12 @@ class Socks5ServerConnection:
     def _encode_command_reply(self, message: CommandReply) -> tuple[bytes, State]:
         if self._state is not _SEND_REPLY:
             self._expect(State.SEND_REPLY, message)
+        if message.reply is _SUCCEEDED and not message.interim and type(message.address) is str:
+            # The usual reply (success, BND a dotted quad seen before): from the memo.
+            encoded = _ENCODED_IPV4.get(message.address)
+            port = message.port
+            if encoded is not None and type(port) is int and 0 <= port <= 0xFFFF:
+                return _SUCCESS_HEAD + encoded + port.to_bytes(2, "big"), _RELAYING
         reply = _REPLIES.get(message.reply) if isinstance(message.reply, int) else None
         if reply is None:
             raise LocalProtocolError(f"unknown reply {message.reply!r}")
