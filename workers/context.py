@@ -45,6 +45,10 @@ class WorkerContext:
     buffer: memoryview = field(default_factory=lambda: memoryview(bytearray(RELAY_BUFFER)))
     open: set[Closable] = field(default_factory=set)
     _conn_seq: int = 0
+    socks5_off: bool = False  # config.protocols has no "socks5" (SOCKS4 only)
+
+    def __post_init__(self) -> None:
+        self.socks5_off = "socks5" not in self.config.protocols
 
     def next_conn_id(self) -> int:
         self._conn_seq += 1

@@ -91,7 +91,7 @@ def abort(sock: socket.SocketType) -> None:
 class Connector:
     """One upstream connect, with timer-driven retries while no 4-tuple is free.
 
-    `connect()` makes the first attempt at once. The owner then hears exactly once,
+    `connect()` builds it and makes the first attempt at once. The owner then hears exactly once,
     always from the loop: `on_egress_connected` or `on_egress_failed`.
     """
 
@@ -130,12 +130,6 @@ class Connector:
         self._delays = retry_delays
         self._attempts = 0
         self._timer: Timer | None = None
-
-    def start(self) -> None:
-        """First attempt. Raises EgressFailed when it fails for good at once."""
-        failure = self._attempt()
-        if failure is not None:
-            raise failure
 
     def _attempt(self) -> EgressFailed | None:
         """One socket/bind/connect; None when it is in flight or waiting for a retry."""
@@ -254,5 +248,7 @@ def connect(
             or an immediate connect error with no retry left).
     """
     connector = Connector(loop, pressure, source_ip, family, target, owner, retry_delays)
-    connector.start()
+    failure = connector._attempt()
+    if failure is not None:
+        raise failure
     return connector

@@ -240,9 +240,13 @@ class Loop:
             handler = handlers.get(fd)
             if handler is None or fd in fresh:
                 continue
-            if events & _FAULT:
-                events |= masks[fd]  # errors and hang-ups surface through recv/send
             try:
+                if events == _IN:  # the usual event: readable, nothing else to check
+                    if masks[fd] & _IN:
+                        handler.on_readable()
+                    continue
+                if events & _FAULT:
+                    events |= masks[fd]  # errors and hang-ups surface through recv/send
                 if events & _IN & masks[fd]:
                     handler.on_readable()
                 if events & _OUT and handlers.get(fd) is handler and masks[fd] & _OUT:

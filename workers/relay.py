@@ -57,18 +57,17 @@ class _Side:
         "bulk",
     )
 
-    def __init__(self, sock: socket.SocketType, relay: Relay, pending: bytes, mask: int) -> None:
+    def __init__(self, sock: socket.SocketType, fd: int, relay: Relay, mask: int) -> None:
         self.sock = sock
-        self.fd = sock.fileno()
+        self.fd = fd
         self.relay = relay
         self.peer: _Side = self
-        self.pending = pending  # bytes owed to this socket
         self.mask = mask  # events currently registered
-        self.eof = False  # this socket sent FIN: nothing more to read from it
-        self.wr_closed = False  # we sent FIN to this socket
-        self.bulk = False  # reads FROM this socket go through splice
-        self.sent = 0  # bytes written to this socket
-        self.piped = 0  # bytes owed to this socket that sit in `pipe`
+        self.pending = b""  # bytes owed to this socket
+        # eof: this socket sent FIN, nothing more to read from it; wr_closed: we sent
+        # FIN to it; bulk: reads from it go through splice.
+        self.eof = self.wr_closed = self.bulk = False
+        self.sent = self.piped = 0  # bytes written to it; bytes owed to it in `pipe`
         self.pipe: Pipe | None = None  # borrowed while bytes owed to this socket sit in it
 
     def owed(self) -> bool:
@@ -122,21 +121,20 @@ class Relay:
     """Bidirectional non-blocking relay with back-pressure and half-close."""
 
     __slots__ = (
+        "_ctx",
         "_loop",
         "_view",
         "_size",
+        "_pipes",
         "client",
         "upstream",
         "_log",
         "_started",
         "_last",
         "closed",
-        "_registry",
         "_reply_len",
         "_lease",
         "_target_closed_first",
-        "_counters",
-        "_pipes",
         "_claim",
     )
 
@@ -144,6 +142,7 @@ class Relay:
         self,
         ctx: WorkerContext,
         client: socket.SocketType,
+        client_fd: int,
         upstream: socket.SocketType,
         to_client: bytes,
         to_upstream: bytes,
@@ -156,12 +155,11 @@ class Relay:
     ) -> None:
         """Take over two connected sockets, with their loop registrations (masks, 0:
         none), the bytes owed to each and the tunnel's bound logger."""
+        self._ctx = ctx
         loop = self._loop = ctx.loop
         self._view = ctx.buffer
         self._size = len(ctx.buffer)
         self._pipes = ctx.pipes  # None: splice off
-        self._counters = ctx.counters
-        self._registry = ctx.open
         self._log = log
         self._started = started
         self._last = loop.now
@@ -172,25 +170,29 @@ class Relay:
         # Who sent the first FIN on the upstream connection decides who keeps its
         # 4-tuple in TIME_WAIT: if we did, that quad is not reusable for a while.
         self._target_closed_first = False
-        c = self.client = _Side(client, self, b"", client_mask)
-        u = self.upstream = _Side(upstream, self, b"", upstream_mask)
+        c = self.client = _Side(client, client_fd, self, client_mask)
+        u = self.upstream = _Side(upstream, upstream.fileno(), self, upstream_mask)
         c.peer = u
         u.peer = c
         # The session's and the connector's registrations: a dict update each.
         if client_mask:
-            loop.hand_over(c.fd, c)
+            loop.hand_over(client_fd, c)
         if upstream_mask:
             loop.hand_over(u.fd, u)
         ctx.open.add(self)
-        self._counters.open_tunnels += 1
+        ctx.counters.open_tunnels += 1
         # The SOCKS reply and the client's early payload: usually sent whole at once;
         # whatever is left waits for EVENT_WRITE like any partial send.
-        for side, data in ((c, to_client), (u, to_upstream)):
-            if data:
-                sent = self._send(side, data)
-                if sent is None:
-                    return  # aborted
-                side.pending = data[sent:]
+        sent = self._send(c, to_client)
+        if sent is None:
+            return  # aborted
+        if sent < len(to_client):
+            c.pending = to_client[sent:]
+        if to_upstream:
+            sent = self._send(u, to_upstream)
+            if sent is None:
+                return
+            u.pending = to_upstream[sent:]
         self._update(c)
         self._update(u)
 
@@ -201,7 +203,7 @@ class Relay:
         if src is self.upstream and not src.wr_closed:
             self._target_closed_first = True
         peer = src.peer
-        if not peer.owed():
+        if not (peer.pending or peer.piped):
             if peer.eof:
                 # Both directions are done: close() sends the FIN itself, so skip the
                 # shutdown() syscall (nothing unread is left, so close is graceful).
@@ -209,7 +211,9 @@ class Relay:
                 self.close("eof")
                 return
             self._shutdown_write(peer)
-        self._after_change(src)
+        # Stop reading src. Nothing that decides the peer's interest changed, and
+        # both directions done was handled above (or, with bytes owed, by flush()).
+        self._update(src)
 
     def _splice_in(self, src: _Side) -> None:
         """Bulk mode: socket -> pipe -> peer socket, no bytes in Python."""
@@ -355,24 +359,28 @@ class Relay:
                 # Bytes still in the pipe belong to this tunnel: never lend them out.
                 close_pipe(side.pipe)
                 side.pipe = None
-        bytes_down = max(0, self.client.sent - self._reply_len)
-        counters = self._counters
+        now = self._loop.now
+        bytes_up = self.upstream.sent
+        bytes_down = self.client.sent - self._reply_len
+        if bytes_down < 0:
+            bytes_down = 0  # the reply itself was not delivered whole
+        ctx = self._ctx
+        counters = ctx.counters
         counters.open_tunnels -= 1
         counters.tunnels_closed += 1
-        counters.bytes_up += self.upstream.sent
+        counters.bytes_up += bytes_up
         counters.bytes_down += bytes_down
         self._log.info(
             "tunnel_closed",
             reply=0,
             reason=reason,
-            bytes_up=self.upstream.sent,
+            bytes_up=bytes_up,
             bytes_down=bytes_down,
-            duration_ms=round((self._loop.now - self._started) * 1000, 1),
+            duration_ms=round((now - self._started) * 1000, 1),
         )
-        self._registry.discard(self)
+        ctx.open.discard(self)
         if self._lease is not None:
-            time_wait = not abortive and not self._target_closed_first
-            self._lease.release(self._loop.now, time_wait)
+            self._lease.release(now, not abortive and not self._target_closed_first)
         if self._claim is not None:
             self._claim.release()
 

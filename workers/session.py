@@ -224,7 +224,7 @@ class Session:
             self._update()
         elif self._first_byte:
             self._first_byte = False
-            if not self._pick_protocol(data[0]):
+            if (data[0] != 5 or self._ctx.socks5_off) and not self._pick_protocol(data[0]):
                 return
         try:
             self._codec.receive_data(data)
@@ -313,9 +313,12 @@ class Session:
         self._process()
 
     def _on_request(self, event: CommandRequest) -> None:
-        self._learned(
-            target=hostport(event.host, event.port), command=_COMMAND_NAMES[event.command]
-        )
+        target = hostport(event.host, event.port)
+        command = _COMMAND_NAMES[event.command]
+        self._context["target"] = target
+        self._context["command"] = command
+        if self._log is not None:
+            self._log = self._log.bind(target=target, command=command)
         if self._socks4 and not self._socks4_user():
             return
         if (self._user is not None or self._ctx.limits.claims_needed) and not self._admit():
@@ -632,6 +635,7 @@ class Session:
         Relay(
             ctx,
             self.client,
+            self._fd,
             upstream,
             self._out + reply,
             codec.trailing_data,
@@ -810,8 +814,7 @@ class Session:
         # and connecting the read interest stays (the relay takes it over: two fewer
         # epoll_ctl per tunnel) until the client actually sends something.
         if self.phase is _DRAINING or (
-            self.phase in (_HANDSHAKE, _RESOLVING, _CONNECTING, _BINDING)
-            and not self._eof
+            self.phase in (_HANDSHAKE, _RESOLVING, _CONNECTING, _BINDING) and not self._eof
         ):
             want |= EVENT_READ
         self._mask = self._loop.set_interest(self._fd, self._mask, want, self)
