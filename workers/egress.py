@@ -188,7 +188,9 @@ class Connector:
     def on_writable(self) -> None:
         sock = self.sock
         assert sock is not None
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        # A failed connect always comes with EPOLLERR (tcp_poll: sk_err is set), so a
+        # plain EPOLLOUT means connected: no getsockopt(SO_ERROR) syscall for it.
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if self._loop.fault else 0
         self.sock = None
         ipc = self._tc.ipc
         if err:

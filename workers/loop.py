@@ -132,6 +132,8 @@ class Loop:
         self.register(self._wakeup, EVENT_READ, self._wakeup)
         self._running = False
         self.tick_hooks: list[Callable[[], object]] = []  # run at the end of every tick
+        # EPOLLERR/EPOLLHUP bits of the event being dispatched to on_writable().
+        self.fault = 0
         self._log = get_logger()
         self.now = time.monotonic()
 
@@ -245,7 +247,8 @@ class Loop:
                     if masks[fd] & _IN:
                         handler.on_readable()
                     continue
-                if events & _FAULT:
+                self.fault = events & _FAULT  # for on_writable (a connect's outcome)
+                if self.fault:
                     events |= masks[fd]  # errors and hang-ups surface through recv/send
                 if events & _IN & masks[fd]:
                     handler.on_readable()

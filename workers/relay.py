@@ -193,8 +193,11 @@ class Relay:
             if sent is None:
                 return
             u.pending = to_upstream[sent:]
-        self._update(c)
-        self._update(u)
+        if c.pending or u.pending or client_mask != EVENT_READ:
+            self._update(c)
+            self._update(u)
+        else:  # the usual start: the client is read already, the upstream now is too
+            u.mask = loop.set_interest(u.fd, upstream_mask, EVENT_READ, u)
 
     # -- data movement --------------------------------------------------------------
 
