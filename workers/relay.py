@@ -382,6 +382,10 @@ class Relay:
             duration_ms=round((now - self._started) * 1000, 1),
         )
         ctx.open.discard(self)
+        # Break the relay <-> side cycles: freed by refcounting now, not left to the
+        # cyclic GC (whose young collections cost ~3 % of a busy worker's CPU).
+        c, u = self.client, self.upstream
+        del c.relay, c.peer, u.relay, u.peer
         if self._lease is not None:
             self._lease.release(now, not abortive and not self._target_closed_first)
         if self._claim is not None:
