@@ -350,9 +350,11 @@ class Relay:
         if self.closed:
             return
         self.closed = True
-        for side in (self.client, self.upstream):
+        loop = self._loop
+        c, u = self.client, self.upstream
+        for side in (c, u):
             if side.mask:
-                self._loop.forget(side.fd)  # closed on the next line
+                loop.forget(side.fd)  # closed on the next line
                 side.mask = 0
             if abortive:
                 abort(side.sock)
@@ -362,9 +364,9 @@ class Relay:
                 # Bytes still in the pipe belong to this tunnel: never lend them out.
                 close_pipe(side.pipe)
                 side.pipe = None
-        now = self._loop.now
-        bytes_up = self.upstream.sent
-        bytes_down = self.client.sent - self._reply_len
+        now = loop.now
+        bytes_up = u.sent
+        bytes_down = c.sent - self._reply_len
         if bytes_down < 0:
             bytes_down = 0  # the reply itself was not delivered whole
         ctx = self._ctx
@@ -384,7 +386,6 @@ class Relay:
         ctx.open.discard(self)
         # Break the relay <-> side cycles: freed by refcounting now, not left to the
         # cyclic GC (whose young collections cost ~3 % of a busy worker's CPU).
-        c, u = self.client, self.upstream
         del c.relay, c.peer, u.relay, u.peer
         if self._lease is not None:
             self._lease.release(now, not abortive and not self._target_closed_first)

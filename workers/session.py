@@ -111,6 +111,7 @@ _CONNECT = Command.CONNECT
 _DOMAINNAME = AddressType.DOMAINNAME
 _IPV6 = AddressType.IPV6
 _SUCCEEDED = Reply.SUCCEEDED
+_NO_ACCEPTABLE = Method.NO_ACCEPTABLE
 
 
 class Session:
@@ -269,7 +270,7 @@ class Session:
         if not self._write(self._codec.send(_SELECTIONS[method])):
             self._client_gone()
             return
-        if method == Method.NO_ACCEPTABLE:
+        if method == _NO_ACCEPTABLE:
             # RFC 1928 section 3: reply X'FF' and close.
             self._handshake_failed("no_acceptable_method", offered=list(event.methods))
 
