@@ -3,7 +3,7 @@
 Owns:
     The server side of the SOCKS5 wire format and handshake state machine:
     parsing the client's greeting, RFC 1929 sub-negotiation and request into
-    immutable events, encoding the server's answers, bounding buffered input,
+    read-only events (slotted values), encoding the server's answers, bounding buffered input,
     and keeping every byte the client sent after its request
     (``trailing_data``) for the relay to forward.
 
