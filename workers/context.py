@@ -44,6 +44,8 @@ class WorkerContext:
     pipes: PipePool | None = field(default_factory=PipePool)  # None: no splice
     buffer: memoryview = field(default_factory=lambda: memoryview(bytearray(RELAY_BUFFER)))
     open: set[Closable] = field(default_factory=set)
+    # Sessions whose handshake or connect deadline runs (watched by DeadlineSweep).
+    handshakes: set[Any] = field(default_factory=set)
     _conn_seq: int = 0
     socks5_off: bool = False  # config.protocols has no "socks5" (SOCKS4 only)
 

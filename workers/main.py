@@ -32,6 +32,7 @@ from workers.pressure import PortPressure
 from workers.relay import IdleSweep
 from workers.reporter import Reporter, WorkerCounters
 from workers.resolver import Resolver
+from workers.session import DeadlineSweep
 
 _DRAIN_POLL = 0.1
 _HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1)
@@ -83,6 +84,8 @@ class Worker:
         if not config.relay_splice:
             self.ctx.pipes = None
         IdleSweep(loop, self.ctx.open, config.timeouts.idle)
+        timeouts = config.timeouts
+        DeadlineSweep(loop, self.ctx.handshakes, (timeouts.handshake, timeouts.connect))
         self.reporter = Reporter(
             loop,
             stats_fd,
