@@ -82,6 +82,13 @@ class Socks4ServerConnection:
             raise ProtocolError("buffer_overflow", _REJECT)
         self._buffer += data
 
+    def receive(
+        self, data: bytes
+    ) -> CommandRequest | ConnectionClosed | Literal[NeedData.NEED_DATA]:
+        """``receive_data(data)`` then ``next_event()`` (the SOCKS5 codec's shape)."""
+        self.receive_data(data)
+        return self.next_event()
+
     def next_event(self) -> CommandRequest | ConnectionClosed | Literal[NeedData.NEED_DATA]:
         if self._state is not State.REQUEST:
             if self._state in (State.SEND_REPLY, State.RELAYING):

@@ -348,7 +348,7 @@ _OVERFLOW_REPLY: Final[Mapping[State, bytes]] = {
 # None if the message is incomplete, or raises ProtocolError. Errors are
 # raised as soon as the offending byte is present, so the outcome depends
 # only on the input, never on how it was chunked.
-_Parser: TypeAlias = Callable[[bytearray], tuple[Event, int] | None]
+_Parser: TypeAlias = Callable[[bytes | bytearray], tuple[Event, int] | None]
 
 
 def check_domain(raw: bytes) -> bytes | None:
@@ -375,7 +375,7 @@ def decode_address(atyp: AddressType, raw: bytes) -> str | None:
     return raw.decode("ascii") if check_domain(raw) is not None else None
 
 
-def _parse_greeting(buf: bytearray) -> tuple[Event, int] | None:
+def _parse_greeting(buf: bytes | bytearray) -> tuple[Event, int] | None:
     # RFC 1928 §3: VER(1) NMETHODS(1) METHODS(NMETHODS).
     if not buf:
         return None
@@ -392,7 +392,7 @@ def _parse_greeting(buf: bytearray) -> tuple[Event, int] | None:
     return Greeting(tuple(buf[2:end])), end
 
 
-def _parse_auth(buf: bytearray) -> tuple[Event, int] | None:
+def _parse_auth(buf: bytes | bytearray) -> tuple[Event, int] | None:
     # RFC 1929 §2: VER(1) ULEN(1) UNAME(ULEN) PLEN(1) PASSWD(PLEN).
     if not buf:
         return None
@@ -422,7 +422,7 @@ _FIXED_ADDRESS_LEN: Final[Mapping[AddressType, int]] = {
 }
 
 
-def _parse_request(buf: bytearray) -> tuple[Event, int] | None:
+def _parse_request(buf: bytes | bytearray) -> tuple[Event, int] | None:
     # RFC 1928 §4: VER(1) CMD(1) RSV(1) ATYP(1) DST.ADDR(var) DST.PORT(2).
     size = len(buf)
     if size >= 10 and buf[3] == 0x01 and buf[0] == SOCKS_VERSION:
@@ -601,6 +601,32 @@ class Socks5ServerConnection:
         if len(self._buffer) + len(data) > self._max_buffer:
             self._fail(ProtocolError("buffer_overflow", self._overflow_reply(data)))
         self._buffer += data
+
+    def receive(self, data: bytes) -> Event | Literal[NeedData.NEED_DATA]:
+        """``receive_data(data)`` then ``next_event()``, in one call.
+
+        The server's usual step. When nothing is buffered and ``data`` holds a whole
+        message, it is parsed where it is (no copy into the buffer and out again);
+        anything else takes the two calls' path. Same results, same exceptions.
+        """
+        if data and not self._buffer and self._error is None and not self._eof:
+            reader = _READERS.get(self._state)
+            if reader is not None and len(data) <= self._max_buffer:
+                parse, next_state = reader
+                try:
+                    parsed = parse(data)
+                except ProtocolError as exc:
+                    self._fail(exc)
+                if parsed is not None:
+                    event, consumed = parsed
+                    if consumed < len(data):
+                        self._buffer += data[consumed:]  # pipelined: kept for later
+                    if next_state is _SEND_METHOD:
+                        self._offered = frozenset(event.methods)  # type: ignore[union-attr]
+                    self._state = next_state  # a legal step, as in next_event()
+                    return event
+        self.receive_data(data)
+        return self.next_event()
 
     def next_event(self) -> Event | Literal[NeedData.NEED_DATA]:
         """Parse the next client message, if complete.

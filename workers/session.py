@@ -26,9 +26,11 @@ from socksd.socks5 import (
     Command,
     CommandReply,
     CommandRequest,
+    Event,
     Greeting,
     Method,
     MethodSelection,
+    NeedData,
     ProtocolError,
     Reply,
     Socks5ServerConnection,
@@ -232,12 +234,17 @@ class Session:
             self._first_byte = False
             if (data[0] != 5 or self._ctx.socks5_off) and not self._pick_protocol(data[0]):
                 return
+        codec = self._codec
         try:
-            self._codec.receive_data(data)
+            if phase is _HANDSHAKE:
+                event = codec.receive(data)  # receive_data + next_event in one
+            else:
+                codec.receive_data(data)  # AUTHENTICATING: kept until the verdict
+                return
         except ProtocolError as exc:
             self._protocol_error(exc)
             return
-        self._process()
+        self._process(event)
 
     def on_writable(self) -> None:
         if not self._flush():
@@ -249,16 +256,18 @@ class Session:
 
     # -- the conversation -------------------------------------------------------------
 
-    def _process(self) -> None:
+    def _process(self, event: Event | NeedData = NEED_DATA) -> None:
+        """Handle `event` (already read, if any), then every whole message buffered."""
         codec = self._codec
         while self.phase is _HANDSHAKE:
-            try:
-                event = codec.next_event()
-            except ProtocolError as exc:
-                self._protocol_error(exc)
-                return
             if event is NEED_DATA:
-                return
+                try:
+                    event = codec.next_event()
+                except ProtocolError as exc:
+                    self._protocol_error(exc)
+                    return
+                if event is NEED_DATA:
+                    return
             kind = type(event)
             if kind is Greeting:
                 self._on_greeting(event)  # type: ignore[arg-type]
@@ -268,6 +277,7 @@ class Session:
                 self._on_auth(event)  # type: ignore[arg-type]
             else:  # ConnectionClosed
                 self._end_quietly("client_closed")
+            event = NEED_DATA
 
     def _on_greeting(self, event: Greeting) -> None:
         acceptable = _WITH_AUTH if self._ctx.authenticator else _WITHOUT_AUTH

@@ -56,6 +56,15 @@ def test_socks4a_hostname_byte_by_byte():
     assert events == [CommandRequest(Command.CONNECT, AddressType.DOMAINNAME, "example.com", 443)]
 
 
+def test_socks4_receive_is_receive_data_then_next_event():
+    whole = _v4(1, 443, b"\x00\x00\x00\x07", b"bob", b"example.com") + b"early"
+    c = Socks4ServerConnection()
+    assert c.receive(whole[:5]) is NEED_DATA
+    ev = c.receive(whole[5:])
+    assert ev == CommandRequest(Command.CONNECT, AddressType.DOMAINNAME, "example.com", 443)
+    assert (c.userid, c.trailing_data) == (b"bob", b"early")
+
+
 def test_socks4_failure_reply_closes():
     c = Socks4ServerConnection()
     c.receive_data(_v4(1, 80, bytes([10, 0, 0, 1]), b""))

@@ -1031,10 +1031,15 @@ def wire_of(event: Greeting | UserPassAuth | CommandRequest, rsv: int) -> bytes:
 
 
 def drive_policy(
-    chunks: Iterable[bytes], eof: bool, policy: ServerPolicy, max_buffer: int = 65536
+    chunks: Iterable[bytes],
+    eof: bool,
+    policy: ServerPolicy,
+    max_buffer: int = 65536,
+    fused: bool = False,
 ) -> list[object]:
     """Like `drive`, with a given server policy, buffer limit and stricter checks.
 
+    `fused`: each chunk goes in through receive() (receive_data + next_event in one).
     Only ProtocolError is caught: any other exception fails the test.
     """
     conn = Socks5ServerConnection(max_buffer)
@@ -1053,10 +1058,19 @@ def drive_policy(
         return log
 
     for chunk in [*(c for c in chunks if c), *([b""] if eof else [])]:
+        # receive() asks for the next event, which RELAYING and CLOSED refuse.
+        use_receive = fused and conn.state not in (State.RELAYING, State.CLOSED)
         try:
-            conn.receive_data(chunk)
+            first = conn.receive(chunk) if use_receive else None
+            if not use_receive:
+                conn.receive_data(chunk)
         except ProtocolError as exc:
             return failed(exc)
+        if first is not None and first is not NEED_DATA:
+            check_event(first)
+            if isinstance(first, Greeting):
+                offered = first.methods
+            log.append(first)
         while conn.state not in (State.RELAYING, State.CLOSED):
             state = conn.state
             message: ServerMessage
@@ -1244,3 +1258,15 @@ def test_every_reading_step_is_a_legal_transition() -> None:
     # next_event() takes the _READERS steps without _transition()'s check.
     for state, (_, after) in socks5_module._READERS.items():
         assert after in socks5_module._TRANSITIONS[state], (state, after)
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(
+    case=st.one_of(policy_cases(), soup_cases()), eof=st.booleans(), max_buffer=st.integers(1, 600)
+)
+def test_receive_is_receive_data_then_next_event(
+    case: tuple[ServerPolicy, bytes, list[bytes]], eof: bool, max_buffer: int
+) -> None:
+    policy, _, chunks = case
+    plain = drive_policy(chunks, eof, policy, max_buffer)
+    assert drive_policy(chunks, eof, policy, max_buffer, fused=True) == plain
