@@ -191,7 +191,7 @@ class Session:
     def log(self) -> Any:
         """This connection's logger, bound with everything known so far."""
         if self._log is None:
-            self._log = self._ctx.log.bind(**self._context)
+            self._log = self._ctx.log.bind_mapping(self._context)
         return self._log
 
     def _learned(self, **fields: Any) -> None:
@@ -634,7 +634,9 @@ class Session:
         counters.replied(_SUCCEEDED)
         counters.tunnels_opened += 1
         ctx.open.discard(self)
-        log = ctx.log.bind(**self._context, egress=hostport(bound[0], bound[1]))
+        context = self._context
+        context["egress"] = hostport(bound[0], bound[1])
+        log = ctx.log.bind_mapping(context)
         log.debug("tunnel_opened")
         # The relay takes over the client's registration and the tunnel's claim.
         mask, self._mask = self._mask, 0

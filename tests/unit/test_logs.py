@@ -101,3 +101,17 @@ def test_buffered_lines_of_one_tick_share_a_stamp_until_flush(pipe):
     a, b = _read(pipe)
     assert a["timestamp"] == b["timestamp"]
     assert logs._WRITER.stamp == ""  # the next tick stamps afresh
+
+
+def test_bind_mapping_is_bind(pipe):
+    context = {"conn_id": 9, "client": "127.0.0.1:1"}
+    logs.get_logger(a=1).bind_mapping(context).info("x", n=2)
+    logs.get_logger(a=1).bind(**context).info("x", n=2)
+    context["late"] = True  # the bound logger keeps its own copy
+    logs.get_logger(a=1).bind_mapping({}).info("x", n=2)
+    by_mapping, by_bind, empty = _read(pipe)
+    for line in (by_mapping, by_bind, empty):
+        line.pop("timestamp")
+    assert by_mapping == by_bind
+    assert list(by_mapping) == list(by_bind)
+    assert "late" not in by_mapping and "conn_id" not in empty
