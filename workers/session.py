@@ -155,7 +155,7 @@ class Session:
         loop = self._loop = ctx.loop
         self.client = client
         self._fd = client.fileno()
-        self._codec = Socks5ServerConnection(max_buffer=HANDSHAKE_BUFFER)
+        self._codec = Socks5ServerConnection(HANDSHAKE_BUFFER)
         self.phase = _HANDSHAKE
         self._out = b""
         self._started = loop.now
