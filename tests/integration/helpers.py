@@ -6,6 +6,7 @@ socksd's codec, so a codec bug cannot hide behind its own mirror image.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -293,3 +294,25 @@ def open_tunnel(
             return sock, (-1, "", status[1])
     sock.sendall(encode_request(host, port) + payload)
     return sock, read_reply(sock)
+
+
+@contextlib.contextmanager
+def unanswered_port() -> Iterator[int]:
+    """A loopback port whose SYNs go unanswered: a listener with backlog 0 and its
+    accept queue filled first, so a connect to it hangs until the connector gives up."""
+    blackhole = socket.socket()
+    fillers: list[socket.socket] = []
+    try:
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(0)
+        for _ in range(4):
+            f = socket.socket()
+            f.setblocking(False)
+            f.connect_ex(blackhole.getsockname())
+            fillers.append(f)
+        time.sleep(0.2)
+        yield blackhole.getsockname()[1]
+    finally:
+        for f in fillers:
+            f.close()
+        blackhole.close()

@@ -18,6 +18,7 @@ from tests.integration.helpers import (
     read_reply,
     recv_all,
     recv_exact,
+    unanswered_port,
 )
 
 SIZE = 64 * 1024 * 1024
@@ -173,27 +174,13 @@ def test_failure_replies(proxy, host, port, code, reason):
 def test_connect_timeout_replies_ttl_expired(proxy):
     # A listener with a full accept queue drops SYNs: the connect hangs until socksd's
     # connect timeout (2 s in this proxy's config).
-    blackhole = socket.socket()
-    blackhole.bind(("127.0.0.1", 0))
-    blackhole.listen(0)
-    fillers = []
-    try:
-        for _ in range(4):
-            f = socket.socket()
-            f.setblocking(False)
-            f.connect_ex(blackhole.getsockname())
-            fillers.append(f)
-        time.sleep(0.2)
+    with unanswered_port() as port:
         started = time.monotonic()
-        sock, (rep, _, _) = open_tunnel(proxy.address, "127.0.0.1", blackhole.getsockname()[1])
+        sock, (rep, _, _) = open_tunnel(proxy.address, "127.0.0.1", port)
         assert rep == 0x06
         assert 1.5 <= time.monotonic() - started < 6
         sock.close()
         proxy.wait_for("tunnel_closed", lambda e: e.get("reason") == "connect_timeout")
-    finally:
-        for f in fillers:
-            f.close()
-        blackhole.close()
 
 
 def test_unknown_command(proxy):

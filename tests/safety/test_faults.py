@@ -25,6 +25,7 @@ from tests.integration.helpers import (
     open_tunnel,
     read_reply,
     recv_exact,
+    unanswered_port,
 )
 from tests.safety.conftest import (
     children_of,
@@ -357,8 +358,6 @@ def test_broken_targets_get_the_right_replies_and_leak_no_fds(spawn, echo_target
     worker = worker_pid(proc)
     resetter = TargetServer(_reset_after_prefix)
     closer = TargetServer(_close_at_once)
-    blackhole = socket.socket()
-    fillers: list[socket.socket] = []
     try:
         warm, (rep, _, _) = open_tunnel(proc.address, "127.0.0.1", echo_target.port)
         with warm:
@@ -402,21 +401,14 @@ def test_broken_targets_get_the_right_replies_and_leak_no_fds(spawn, echo_target
 
         # Never answers: a listener whose accept queue is full drops SYNs, so the
         # connect hangs until socksd's connect timeout (1 s): 0x06.
-        blackhole.bind(("127.0.0.1", 0))
-        blackhole.listen(0)
-        for _ in range(4):
-            f = socket.socket()
-            f.setblocking(False)
-            f.connect_ex(blackhole.getsockname())
-            fillers.append(f)
-        time.sleep(0.2)
-        for _ in range(2):
-            t0 = time.monotonic()
-            sock, (rep, _, _) = open_tunnel(proc.address, "127.0.0.1", blackhole.getsockname()[1])
-            with sock:
-                assert rep == 0x06
-                assert 0.9 <= time.monotonic() - t0 < 3.0
-                assert _read_to_end(sock) == (b"", "eof")
+        with unanswered_port() as port:
+            for _ in range(2):
+                t0 = time.monotonic()
+                sock, (rep, _, _) = open_tunnel(proc.address, "127.0.0.1", port)
+                with sock:
+                    assert rep == 0x06
+                    assert 0.9 <= time.monotonic() - t0 < 3.0
+                    assert _read_to_end(sock) == (b"", "eof")
         timeouts = proc.wait_count(
             "tunnel_closed", 2, lambda e: e.get("reason") == "connect_timeout"
         )
@@ -430,9 +422,6 @@ def test_broken_targets_get_the_right_replies_and_leak_no_fds(spawn, echo_target
         assert crash_lines(proc) == []
         assert children_of(proc.proc.pid) == {worker}
     finally:
-        for f in fillers:
-            f.close()
-        blackhole.close()
         resetter.close()
         closer.close()
 
