@@ -141,7 +141,6 @@ NEED_DATA: Final = NeedData.NEED_DATA
 _GREETING: Final = State.GREETING
 _SEND_METHOD: Final = State.SEND_METHOD
 _SEND_REPLY: Final = State.SEND_REPLY
-_REQUEST: Final = State.REQUEST
 _RELAYING: Final = State.RELAYING
 _CLOSED: Final = State.CLOSED
 _IPV4: Final = AddressType.IPV4
