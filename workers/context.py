@@ -47,7 +47,7 @@ class WorkerContext:
     # Sessions whose handshake or connect deadline runs (watched by DeadlineSweep).
     handshakes: set[Any] = field(default_factory=set)
     _conn_seq: int = 0
-    socks5_off: bool = False  # config.protocols has no "socks5" (SOCKS4 only)
+    socks5_off: bool = field(init=False)  # config.protocols has no "socks5" (SOCKS4 only)
 
     def __post_init__(self) -> None:
         self.socks5_off = "socks5" not in self.config.protocols

@@ -73,7 +73,7 @@ class ConnectOwner(Protocol):
 
     def on_egress_connected(self, sock: socket.SocketType, lease: TargetCounters) -> None:
         """`sock` is connected and still registered for EVENT_WRITE with the connector:
-        the new owner takes the registration over (Loop.modify), saving two syscalls."""
+        the new owner takes the registration over (Loop.hand_over), saving two syscalls."""
 
     def on_egress_failed(self, failure: EgressFailed) -> None: ...
     def on_crash(self, exc: BaseException) -> None: ...
@@ -91,8 +91,8 @@ def abort(sock: socket.SocketType) -> None:
 class Connector:
     """One upstream connect, with timer-driven retries while no 4-tuple is free.
 
-    `connect()` builds it and makes the first attempt at once. The owner then hears exactly once,
-    always from the loop: `on_egress_connected` or `on_egress_failed`.
+    `connect()` builds it and makes the first attempt at once. The owner then hears
+    exactly once, always from the loop: `on_egress_connected` or `on_egress_failed`.
     """
 
     __slots__ = (

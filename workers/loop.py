@@ -74,21 +74,6 @@ def _noop(*_: object) -> None:
     return None
 
 
-class _NoHandler:
-    """Stands in for a handler where none is needed (unregistering)."""
-
-    def on_readable(self) -> None:  # pragma: no cover - never registered
-        raise AssertionError("no handler")
-
-    on_writable = on_readable
-
-    def on_crash(self, exc: BaseException) -> None:  # pragma: no cover
-        raise exc
-
-
-_NO_HANDLER = _NoHandler()
-
-
 class _Wakeup:
     """Read end of the eventfd that threads write to after posting a callback."""
 
@@ -155,7 +140,9 @@ class Loop:
 
     def unregister(self, fileobj: Any) -> None:
         """Stop watching `fileobj`; call it before closing the file object."""
-        self.set_interest(fileobj.fileno(), -1, 0, _NO_HANDLER)
+        fd = fileobj.fileno()
+        self._epoll.unregister(fd)
+        self.forget(fd)
 
     def hand_over(self, fd: int, handler: Handler) -> None:
         """Route a registered fd's events to another handler (no syscall)."""
@@ -172,8 +159,7 @@ class Loop:
         return self._handlers.get(fileobj.fileno())
 
     def set_interest(self, fd: int, current: int, want: int, handler: Handler) -> int:
-        """Move `fd` from `current` to `want` events (0 = not registered; -1 =
-        registered, events unknown).
+        """Move `fd` from `current` to `want` events (0 = not registered).
 
         Returns `want`, for the caller to keep as its new `current`; no syscall when
         nothing changes, which is the common case on the relay's hot path.
