@@ -194,11 +194,11 @@ class Session:
             self._log = self._ctx.log.bind_mapping(self._context)
         return self._log
 
-    def _learned(self, **fields: Any) -> None:
+    def _learned(self, fields: dict[str, Any]) -> None:
         """Add to the log context (target, user, ...) of every later line."""
         self._context.update(fields)
         if self._log is not None:
-            self._log = self._log.bind(**fields)
+            self._log = self._log.bind_mapping(fields)
 
     # -- loop callbacks ---------------------------------------------------------------
 
@@ -323,18 +323,15 @@ class Session:
             # RFC 1929: a non-zero status MUST be followed by closing the connection.
             self._handshake_failed("auth_failed", user=self._user)
             return
-        self._learned(user=self._user)
+        self._learned({"user": self._user})
         self._transition(_HANDSHAKE)
         self._update()
         self._process()
 
     def _on_request(self, event: CommandRequest) -> None:
-        target = hostport(event.host, event.port)
-        command = _COMMAND_NAMES[event.command]
-        self._context["target"] = target
-        self._context["command"] = command
-        if self._log is not None:
-            self._log = self._log.bind(target=target, command=command)
+        self._learned(
+            {"target": hostport(event.host, event.port), "command": _COMMAND_NAMES[event.command]}
+        )
         if self._socks4 and not self._socks4_user():
             return
         if (self._user is not None or self._ctx.limits.claims_needed) and not self._admit():
@@ -363,9 +360,9 @@ class Session:
         if first == 4 and "socks4" in protocols:
             self._socks4 = True
             self._codec = Socks4ServerConnection(max_buffer=HANDSHAKE_BUFFER)  # type: ignore[assignment]
-            self._learned(protocol="socks4")
+            self._learned({"protocol": "socks4"})
             return True
-        if first == 5 and "socks5" not in protocols:
+        if first == 5 and self._ctx.socks5_off:
             self._handshake_failed("protocol_disabled", drain=False)
             return False
         return True  # anything else: the SOCKS5 codec names the error
@@ -381,7 +378,7 @@ class Session:
             self._reply_failure(Reply.NOT_ALLOWED, "socks4_unknown_user", user=userid)
             return False
         self._user = userid
-        self._learned(user=userid)
+        self._learned({"user": userid})
         return True
 
     def _start_bind(self, event: CommandRequest) -> None:
@@ -407,7 +404,7 @@ class Session:
         host, port = self._bind.address
         self._transition(_BINDING)
         self._timer = self._loop.call_later(self._ctx.config.timeouts.bind, self._on_timeout)
-        self._learned(bind=hostport(host, port))
+        self._learned({"bind": hostport(host, port)})
         reply = self._codec.send(CommandReply(Reply.SUCCEEDED, host, port, interim=True))
         if not self._write(reply):
             self._client_gone()
