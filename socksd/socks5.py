@@ -456,10 +456,7 @@ def _parse_request(buf: bytes | bytearray) -> tuple[Event, int] | None:
         addr_start, addr_end = 4, 4 + _FIXED_ADDRESS_LEN[atyp]
     if size < addr_end:
         return None
-    if atyp is _IPV4:  # the common case, read in place: no slice, no copy
-        host: str | None = "%d.%d.%d.%d" % (buf[4], buf[5], buf[6], buf[7])  # noqa: UP031
-    else:
-        host = decode_address(atyp, bytes(buf[addr_start:addr_end]))
+    host = decode_address(atyp, bytes(buf[addr_start:addr_end]))
     if host is None:
         reply = _encode_reply(Reply.HOST_UNREACHABLE)
         raise ProtocolError("bad_domain_name", reply)
