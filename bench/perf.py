@@ -1,6 +1,7 @@
 """Performance benchmark: socksd against microsocks, pproxy and no proxy, per core.
 
     sudo /work/venv/bin/python bench/perf.py [--runs 3] [--quick] [--workers 1,2] [--json out.json]
+        [--floor] [--splice-relay]
 
 Root is needed (it creates a network namespace). Run it with the Python that has
 socksd's dependencies (the dev venv); `sudo python` may pick the system one. Baselines
@@ -61,6 +62,10 @@ Figures: medians of --runs runs (failures are totals over all runs):
 --floor adds `bench/floor.py` (tunnels/s and TTFB only): the least Python a SOCKS5
 CONNECT tunnel can cost with socksd's syscalls and nothing else, so the distance from
 socksd to it is the price of socksd's structure, not of Python.
+--splice-relay adds `bench/splice_relay.c` (MiB/s only): a C relay with a thread per
+direction and blocking splice() through a 256 KiB pipe, no event loop and no Python.
+It is the ceiling of the splice method on the machine, read next to "no proxy": on
+loopback a relayed stream pays for a second TCP connection that a direct one does not.
 Per-run ratios: socksd / baseline within each run (measured minutes apart), median and
 range; steadier than the ratio of medians when the host drifts during a run.
 Ratios are socksd (the first --workers value) / baseline: above 1 is better for
@@ -135,6 +140,7 @@ class Column:
     cpus: str | None  # taskset list for the proxy, None = not pinned
     udp: bool = False  # measured with UDP ASSOCIATE (baselines without it: skipped)
     tunnels_only: bool = False  # the Python floor: no back-pressure, so no bulk or idle
+    bulk_only: bool = False  # the C splice relay: a ceiling for the MiB/s figures only
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,11 +246,11 @@ def rss_bytes(pids: list[int]) -> int:
 
 
 def build_tools(tmp: Path) -> Path:
-    """Compile loadgen.c and target.c into `tmp`; never committed as binaries."""
-    for name in ("loadgen", "target", "udpload"):
+    """Compile the bench's C tools into `tmp`; never committed as binaries."""
+    for name in ("loadgen", "target", "udpload", "splice_relay"):
         src = REPO / "bench" / f"{name}.c"
         out = subprocess.run(
-            ["gcc", "-O2", "-Wall", "-o", str(tmp / name), str(src)],
+            ["gcc", "-O2", "-Wall", "-pthread", "-o", str(tmp / name), str(src)],
             capture_output=True,
             text=True,
             timeout=120,
@@ -280,6 +286,7 @@ def make_columns(
     python: str,
     proxy_cpus: dict[int, str | None],
     floor: bool = False,
+    splice_relay: bool = False,
 ) -> tuple[list[Column], list[str]]:
     columns, notes = [], []
     for n in settings.workers:
@@ -308,6 +315,9 @@ def make_columns(
     if floor:
         argv = (python, str(REPO / "bench" / "floor.py"), HOST, str(PROXY_PORT))
         columns.append(Column("floor", "python floor", argv, proxy_cpus[0], tunnels_only=True))
+    if splice_relay:
+        argv = (str(tmp / "splice_relay"), HOST, str(PROXY_PORT), str(TARGET_LIFETIME_S))
+        columns.append(Column("splice", "C splice", argv, proxy_cpus[0], bulk_only=True))
     columns.append(Column("none", "no proxy", (), None, udp=True))
     notes.append("UDP echo: socksd and no proxy only (microsocks has no UDP ASSOCIATE)")
     return columns, notes
@@ -591,10 +601,11 @@ def run_column(bench: Bench, col: Column, run: int) -> dict[str, Sample]:
             bench.wait_quiet(proxy)
             samples.update(bench.tunnels(proxy, s.tunnels))
             return samples
-        if proxy is not None:
-            samples["rss_kib_per_idle"] = bench.idle_rss(proxy)
-        bench.wait_quiet(proxy)
-        samples.update(bench.tunnels(proxy, s.tunnels))
+        if not col.bulk_only:
+            if proxy is not None:
+                samples["rss_kib_per_idle"] = bench.idle_rss(proxy)
+            bench.wait_quiet(proxy)
+            samples.update(bench.tunnels(proxy, s.tunnels))
         for streams in (1, 8):
             bench.wait_quiet(proxy)
             samples[f"mib_s_{streams}"] = bench.bulk(proxy, streams)
@@ -653,10 +664,17 @@ def summarize(runs: dict[str, list[dict[str, Sample]]]) -> dict[str, Any]:
     return {"medians": medians, "cpu_pct": cpu, "failures": failures}
 
 
+_BASELINES = (
+    ("microsocks", "microsocks"),
+    ("pproxy", "pproxy"),
+    ("floor", "floor"),
+    ("splice", "C-splice"),
+)
+
+
 def ratios(medians: dict[str, dict[str, float]], ours: str) -> dict[str, dict[str, float]]:
     out = {}
-    others = (("microsocks", "microsocks"), ("pproxy", "pproxy"), ("floor", "floor"))
-    for other, name in (*others, ("none", "no-proxy")):
+    for other, name in (*_BASELINES, ("none", "no-proxy")):
         if other in medians and ours in medians:
             out[f"socksd/{name}"] = {
                 metric: medians[ours][metric] / medians[other][metric]
@@ -675,11 +693,11 @@ def paired_ratios(
     these is steadier than the ratio of the two medians.
     """
     out: dict[str, dict[str, list[float]]] = {}
-    for other, name in (("microsocks", "microsocks"), ("pproxy", "pproxy"), ("floor", "floor")):
+    for other, name in _BASELINES:
         if other not in runs or ours not in runs:
             continue
         per_metric: dict[str, list[float]] = {}
-        for metric in ("tunnels_per_s", "ttfb_p99_ms", "mib_s_1"):
+        for metric in ("tunnels_per_s", "ttfb_p99_ms", "mib_s_1", "mib_s_8"):
             pairs = [
                 a[metric].value / b[metric].value
                 for a, b in zip(runs[ours], runs[other], strict=False)
@@ -782,6 +800,11 @@ def parse_args() -> tuple[argparse.Namespace, Settings]:
         action="store_true",
         help="add bench/floor.py (the least Python a tunnel can cost) as a tunnels-only column",
     )
+    ap.add_argument(
+        "--splice-relay",
+        action="store_true",
+        help="add bench/splice_relay.c (a minimal C splice relay) as a MiB/s-only column",
+    )
     ap.add_argument("--keep-logs", action="store_true", help="keep the temp dir and its logs")
     args = ap.parse_args()
     quick = args.quick
@@ -882,7 +905,9 @@ def main() -> int:
     try:
         build_tools(tmp)
         digest = snapshot_socksd(tmp)
-        columns, skip_notes = make_columns(settings, tmp, args.python, proxy_cpus, args.floor)
+        columns, skip_notes = make_columns(
+            settings, tmp, args.python, proxy_cpus, args.floor, args.splice_relay
+        )
         notes += pin_notes + skip_notes
         notes.append(f"proxy logs (socksd: level info, tunnel_closed on) go to files in {tmp}")
         notes.append(f"socksd runs from a copy of socksd/ and workers/ taken at start: {tmp}/src")
