@@ -32,6 +32,10 @@ Figures: medians of --runs runs (failures are totals over all runs):
                  to the echo target (ATYP IPv4), reply, send 64 bytes, read the 64-byte
                  echo, close; 20,000 tunnels with 64 in flight ("no proxy": connect
                  straight to the echo target, send 64, read 64, close).
+  tunnels/proxy CPU-s  tunnels completed per second of CPU (user + sys) the proxy used
+                 meanwhile: the per-core efficiency. With N workers it should stay near
+                 the 1-worker figure (near-linear scaling) even on a machine where the
+                 load has to share the workers' cores, as it does here with 2 cores.
   TTFB p50/p99   milliseconds from the start of connect() to the first echo byte.
   MiB/s 1 / 8    the client downloads 1 GiB in total through the proxy, in 1 stream or
                  in 8 concurrent streams of 128 MiB (sender: sendfile() from a memfd;
@@ -498,12 +502,18 @@ class Bench:
         )
         r, cpu = self.measure(proxy, argv, 30 + total / 200)
         wall = r["elapsed_s"]
-        return {
+        samples = {
             "tunnels_per_s": Sample(r["rate"], wall, cpu, r["failures"]),
             "tunnels_ok": Sample(r["ok"], wall, cpu),
             "ttfb_p50_ms": Sample(r["ttfb_us"]["p50"] / 1000, wall, cpu),
             "ttfb_p99_ms": Sample(r["ttfb_us"]["p99"] / 1000, wall, cpu),
         }
+        if proxy is not None and cpu.proxy_s > 0:
+            # Tunnels per second of proxy CPU: the per-core efficiency, which shows
+            # whether N workers scale even where the load has to share their cores.
+            per_core = r["ok"] / cpu.proxy_s
+            samples["tunnels_per_core_s"] = Sample(per_core, wall, cpu)
+        return samples
 
     def bulk(self, proxy: RunningProxy | None, streams: int) -> Sample:
         size = self.settings.bulk_bytes
@@ -628,6 +638,7 @@ def run_column(bench: Bench, col: Column, run: int) -> dict[str, Sample]:
 
 ROWS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
     ("tunnels_per_s", "tunnels/s", lambda v: f"{v:,.0f}"),
+    ("tunnels_per_core_s", "tunnels/proxy CPU-s", lambda v: f"{v:,.0f}"),
     ("ttfb_p50_ms", "TTFB p50 ms", lambda v: f"{v:.2f}"),
     ("ttfb_p99_ms", "TTFB p99 ms", lambda v: f"{v:.2f}"),
     ("mib_s_1", "MiB/s 1 stream", lambda v: f"{v:,.0f}"),
@@ -697,7 +708,7 @@ def paired_ratios(
         if other not in runs or ours not in runs:
             continue
         per_metric: dict[str, list[float]] = {}
-        for metric in ("tunnels_per_s", "ttfb_p99_ms", "mib_s_1", "mib_s_8"):
+        for metric in ("tunnels_per_s", "tunnels_per_core_s", "ttfb_p99_ms", "mib_s_1", "mib_s_8"):
             pairs = [
                 a[metric].value / b[metric].value
                 for a, b in zip(runs[ours], runs[other], strict=False)
