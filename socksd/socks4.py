@@ -148,6 +148,11 @@ class Socks4ServerConnection:
         host = "%d.%d.%d.%d" % (ip[0], ip[1], ip[2], ip[3])  # noqa: UP031
         return CommandRequest(command, AddressType.IPV4, host, port), end + 1
 
+    def send_success(self, address: str, port: int) -> bytes:
+        """`send(CommandReply(Reply.SUCCEEDED, address, port))`, named as on the SOCKS5
+        codec: the session ends every handshake with it, whichever codec it holds."""
+        return self.send(CommandReply(Reply.SUCCEEDED, address, port))
+
     def send(self, message: ServerMessage) -> bytes:
         """Encode a `CommandReply` (SOCKS5 REP values) as a SOCKS4 reply; an `interim`
         one (BIND's first) leaves the codec waiting for the final reply."""

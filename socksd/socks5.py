@@ -140,6 +140,7 @@ NEED_DATA: Final = NeedData.NEED_DATA
 # interpreter cannot specialise); a global is ~7 ns.
 _GREETING: Final = State.GREETING
 _SEND_METHOD: Final = State.SEND_METHOD
+_REQUEST: Final = State.REQUEST
 _SEND_REPLY: Final = State.SEND_REPLY
 _RELAYING: Final = State.RELAYING
 _CLOSED: Final = State.CLOSED
@@ -499,6 +500,11 @@ _SELECTED: Final[Mapping[int, bytes]] = {
 }
 
 _NONE_OFFERED: Final[frozenset[int]] = frozenset()
+# What curl, PySocks, python-socks and browsers send without credentials: VER 5, one
+# method, NO AUTH.
+_NO_AUTH_ONLY: Final = bytes([SOCKS_VERSION, 1, Method.NO_AUTH])
+_NO_AUTH_OFFERED: Final[frozenset[int]] = frozenset({Method.NO_AUTH})
+_NO_AUTH_SELECTED: Final = _SELECTED[Method.NO_AUTH]
 
 # Methods we can run the sub-negotiation for, and where each leads.
 _AFTER_METHOD: Final[Mapping[int, State]] = {
@@ -624,6 +630,29 @@ class Socks5ServerConnection:
         self.receive_data(data)
         return self.next_event()
 
+    def accept_no_auth(self, data: bytes) -> bytes | None:
+        """The commonest greeting and its answer in one step, for a server that
+        accepts NO AUTH.
+
+        When ``data`` is exactly ``05 01 00`` (NO AUTH is the only method offered and
+        nothing follows it) and nothing is buffered, returns the answer selecting it
+        and moves to ``REQUEST``: the same bytes and state as ``receive(data)`` then
+        ``send(MethodSelection(Method.NO_AUTH))``, without the event and the message
+        in between (a third of the handshake's Python cost). Returns None for any
+        other input and changes nothing: use ``receive()``.
+        """
+        if (
+            data != _NO_AUTH_ONLY
+            or self._state is not _GREETING
+            or self._buffer
+            or self._eof
+            or self._error is not None
+        ):
+            return None
+        self._offered = _NO_AUTH_OFFERED
+        self._state = _REQUEST
+        return _NO_AUTH_SELECTED
+
     def next_event(self) -> Event | Literal[NeedData.NEED_DATA]:
         """Parse the next client message, if complete.
 
@@ -696,6 +725,17 @@ class Socks5ServerConnection:
             raise LocalProtocolError(f"cannot send {message!r}")
         self._transition(next_state)
         return data
+
+    def send_success(self, address: str, port: int) -> bytes:
+        """``send(CommandReply(Reply.SUCCEEDED, address, port))`` without building the
+        message: the final reply of every tunnel, so the common case (BND a dotted
+        quad) skips the dispatch. Same bytes, state and exceptions."""
+        if self._state is _SEND_REPLY and type(port) is int and 0 <= port <= 0xFFFF:
+            encoded = _ENCODED_IPV4.get(address)
+            if encoded is not None:
+                self._state = _RELAYING  # SEND_REPLY -> RELAYING: a legal step
+                return _SUCCESS_HEAD + encoded + port.to_bytes(2, "big")
+        return self.send(CommandReply(_SUCCEEDED, address, port))
 
     def _encode_method(self, message: MethodSelection) -> tuple[bytes, State]:
         if self._state is not _SEND_METHOD:

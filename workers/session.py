@@ -232,8 +232,16 @@ class Session:
             self._update()
         elif self._first_byte:
             self._first_byte = False
-            if (data[0] != 5 or self._ctx.socks5_off) and not self._pick_protocol(data[0]):
-                return
+            if data[0] != 5 or self._ctx.socks5_off:
+                if not self._pick_protocol(data[0]):
+                    return
+            elif self._ctx.authenticator is None:
+                # The usual greeting (05 01 00) and its answer in one codec step.
+                answer = self._codec.accept_no_auth(data)
+                if answer is not None:
+                    if not self._write(answer):
+                        self._client_gone()
+                    return
         codec = self._codec
         try:
             if phase is _HANDSHAKE:
@@ -626,7 +634,7 @@ class Session:
         self._cancel_timer()
         self._transition(_RELAYING)
         codec = self._codec
-        reply = codec.send(CommandReply(_SUCCEEDED, bound[0], bound[1]))
+        reply = codec.send_success(bound[0], bound[1])
         counters = ctx.counters
         counters.replied(_SUCCEEDED)
         counters.tunnels_opened += 1

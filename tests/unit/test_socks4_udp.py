@@ -65,6 +65,16 @@ def test_socks4_receive_is_receive_data_then_next_event():
     assert (c.userid, c.trailing_data) == (b"bob", b"early")
 
 
+def test_socks4_send_success_is_send_of_a_success_reply():
+    fast, slow = Socks4ServerConnection(), Socks4ServerConnection()
+    for c in (fast, slow):
+        c.receive(_v4(1, 80, bytes([10, 0, 0, 1]), b""))
+    assert fast.send_success("192.0.2.7", 4242) == slow.send(
+        CommandReply(Reply.SUCCEEDED, "192.0.2.7", 4242)
+    )
+    assert fast.state is slow.state is State.RELAYING
+
+
 def test_socks4_failure_reply_closes():
     c = Socks4ServerConnection()
     c.receive_data(_v4(1, 80, bytes([10, 0, 0, 1]), b""))

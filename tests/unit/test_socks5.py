@@ -1270,3 +1270,89 @@ def test_receive_is_receive_data_then_next_event(
     policy, _, chunks = case
     plain = drive_policy(chunks, eof, policy, max_buffer)
     assert drive_policy(chunks, eof, policy, max_buffer, fused=True) == plain
+
+
+# --- one-step fast paths: the same outcome as the general calls ------------------------
+
+
+def _outcome(call: Callable[[], object]) -> object:
+    """What a codec call returned, or the type and text of what it raised."""
+    try:
+        return call()
+    except (ProtocolError, LocalProtocolError) as exc:
+        return (type(exc).__name__, str(exc))
+
+
+def _codec_view(c: Socks5ServerConnection) -> tuple[object, ...]:
+    return (c.state, c.trailing_data, c.eof_received)
+
+
+_REQUEST_V4 = b"\x05\x01\x00\x01\x7f\x00\x00\x01\x01\xbb"
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    data=st.one_of(
+        st.just(b"\x05\x01\x00"),
+        st.binary(min_size=1, max_size=8),
+        st.binary(max_size=4).map(lambda tail: b"\x05\x01\x00" + tail),
+        st.sampled_from([b"\x05\x02\x00\x02", b"\x05\x01\x02", b"\x04\x01\x00", b"\x05\x00"]),
+    ),
+    before=st.sampled_from([b"", b"\x05", b"\x05\x01\x00"]),
+    eof_first=st.booleans(),
+)
+def test_accept_no_auth_is_receive_then_selecting_no_auth(
+    data: bytes, before: bytes, eof_first: bool
+) -> None:
+    fast, slow = Socks5ServerConnection(), Socks5ServerConnection()
+    for c in (fast, slow):
+        if before:
+            c.receive(before)
+            if c.state is State.SEND_METHOD:
+                c.send(MethodSelection(Method.NO_AUTH))
+        if eof_first:
+            c.receive_data(b"")
+    answer = fast.accept_no_auth(data)
+    if answer is None:
+        assert _codec_view(fast) == _codec_view(slow)  # nothing consumed, nothing changed
+        return
+    assert (before, eof_first) == (b"", False) and data == b"\x05\x01\x00"
+    assert slow.receive(data) == Greeting((Method.NO_AUTH,))
+    assert answer == slow.send(MethodSelection(Method.NO_AUTH)) == b"\x05\x00"
+    assert _codec_view(fast) == _codec_view(slow) == (State.REQUEST, b"", False)
+    # The method was recorded as offered: the rest of the handshake goes alike.
+    assert fast.receive(_REQUEST_V4) == slow.receive(_REQUEST_V4)
+    assert fast.send_success("127.0.0.1", 1) == slow.send_success("127.0.0.1", 1)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    address=st.one_of(
+        st.ip_addresses(v=4).map(str),
+        st.ip_addresses(v=6).map(str),
+        st.sampled_from(["example.com", "", "1.2.3", "256.1.1.1"]),
+    ),
+    port=st.one_of(st.integers(-2, 70000), st.sampled_from([0, 1, 65535])),
+    state_after=st.sampled_from(["request", "reply", "relaying"]),
+)
+def test_send_success_is_send_of_a_success_reply(address: str, port: int, state_after: str) -> None:
+    fast, slow = Socks5ServerConnection(), Socks5ServerConnection()
+    for c in (fast, slow):
+        assert c.accept_no_auth(b"\x05\x01\x00") == b"\x05\x00"
+        if state_after != "request":
+            c.receive(_REQUEST_V4)
+        if state_after == "relaying":
+            c.send_success("10.0.0.1", 80)
+    got = _outcome(lambda: fast.send_success(address, port))
+    want = _outcome(lambda: slow.send(CommandReply(Reply.SUCCEEDED, address, port)))
+    assert got == want
+    assert _codec_view(fast) == _codec_view(slow)
+    # Twice: the second time the dotted quad comes from the encoder's memo.
+    if fast.state is State.RELAYING and state_after == "reply":
+        again, other = Socks5ServerConnection(), Socks5ServerConnection()
+        for c in (again, other):
+            c.accept_no_auth(b"\x05\x01\x00")
+            c.receive(_REQUEST_V4)
+        assert again.send_success(address, port) == other.send(
+            CommandReply(Reply.SUCCEEDED, address, port)
+        )
