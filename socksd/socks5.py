@@ -638,8 +638,8 @@ class Socks5ServerConnection:
         nothing follows it) and nothing is buffered, returns the answer selecting it
         and moves to ``REQUEST``: the same bytes and state as ``receive(data)`` then
         ``send(MethodSelection(Method.NO_AUTH))``, without the event and the message
-        in between (a third of the handshake's Python cost). Returns None for any
-        other input and changes nothing: use ``receive()``.
+        in between (~16,000 of a tunnel's ~219,000 instructions under callgrind).
+        Returns None for any other input and changes nothing: use ``receive()``.
         """
         if (
             data != _NO_AUTH_ONLY
