@@ -21,6 +21,7 @@ import orjson
 
 from socksd.config import ListenAddress
 from socksd.errors import ListenError, SocksdError
+from socksd.handlers import ReadOnlyHandler
 
 MAX_REQUEST = 8192
 Responder = Callable[[bytes], bytes | None]  # request so far -> response, or None: need more
@@ -81,7 +82,7 @@ class _Conn:
         self.sock.close()
 
 
-class Endpoint:
+class Endpoint(ReadOnlyHandler):
     """A listening socket whose connections each get one response, bounded in number
     and time, so a slow or hostile local client cannot wedge the supervisor."""
 
@@ -107,9 +108,6 @@ class Endpoint:
                 return
             self._conns.add(_Conn(conn, self, self._respond))
         self._pause()  # at the cap: the backlog waits until expire() resumes us
-
-    def on_writable(self) -> None:  # pragma: no cover - registered for read only
-        raise AssertionError("endpoint registered for write")
 
     def _pause(self) -> None:
         if not self._paused_until:

@@ -14,8 +14,10 @@ import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from socksd.handlers import ReadOnlyHandler
 
-class SignalPipe:
+
+class SignalPipe(ReadOnlyHandler):
     """Readiness handler of the read end; `r` is what a loop watches."""
 
     def __init__(self, signals: Iterable[int], on_signal: Callable[[int], None]) -> None:
@@ -37,9 +39,6 @@ class SignalPipe:
             return
         for signum in data:
             self._on_signal(signum)
-
-    def on_writable(self) -> None:  # pragma: no cover - registered for read only
-        raise AssertionError("signal pipe registered for write")
 
     def on_crash(self, exc: BaseException) -> None:
         raise exc

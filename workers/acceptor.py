@@ -12,7 +12,9 @@ import errno
 import socket
 
 from socksd import policy
+from socksd.handlers import ReadOnlyHandler
 from workers.context import WorkerContext
+from workers.events import errno_name
 from workers.loop import EVENT_READ
 from workers.session import Session
 
@@ -23,7 +25,7 @@ FD_BACKOFF = 0.1
 _FD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
-class Acceptor:
+class Acceptor(ReadOnlyHandler):
     """Readiness handler of one listening socket."""
 
     __slots__ = ("_ctx", "sock", "_paused", "address", "_fixed_ip", "_family")
@@ -90,7 +92,7 @@ class Acceptor:
             self._ctx.loop.now,
             "accept_paused",
             listen=self.address,
-            errno=errno.errorcode.get(exc.errno or 0, "?").lower(),
+            errno=errno_name(exc.errno),
             backoff_s=FD_BACKOFF,
         )
         self._ctx.loop.call_later(FD_BACKOFF, self._resume)
@@ -99,9 +101,6 @@ class Acceptor:
         if self._paused and self.sock.fileno() >= 0:
             self._paused = False
             self._ctx.loop.register(self.sock, EVENT_READ, self)
-
-    def on_writable(self) -> None:  # pragma: no cover - registered for read only
-        raise AssertionError("acceptor registered for write")
 
     def on_crash(self, exc: BaseException) -> None:
         self._ctx.log.error("accept_failed", listen=self.address, exc_info=exc)

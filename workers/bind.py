@@ -1,8 +1,10 @@
 """BIND (RFC 1928 section 4, SOCKS4 alike): the listener that waits for the peer.
 
 Owns: the listening socket on the ingress-matched egress IP (port chosen by the
-kernel), accepting only the expected peer, and handing the accepted socket back.
-Must not: speak SOCKS (the session sends both replies) or relay (workers.relay does).
+kernel), which peer is expected, accepting only that peer, and handing the accepted
+socket back.
+Must not: speak SOCKS (the session sends both replies, from what `listen()` raises or
+returns) or relay (workers.relay does).
 
 The listener's port comes from the ephemeral range (bind port 0), like a plain
 `bind()` before connect: it is taken on that IP for every destination while the
@@ -16,7 +18,10 @@ import socket
 from typing import Any, Protocol
 
 from socksd import policy
+from socksd.handlers import ReadOnlyHandler
+from socksd.socks5 import AddressType, CommandRequest, Reply
 from workers.context import WorkerContext
+from workers.events import Refused, errno_name
 from workers.loop import EVENT_READ
 
 
@@ -25,7 +30,7 @@ class BindOwner(Protocol):
     def on_crash(self, exc: BaseException) -> None: ...
 
 
-class BindWaiter:
+class BindWaiter(ReadOnlyHandler):
     """One BIND's listener; `accepted` goes to the owner once, then it closes itself."""
 
     __slots__ = ("_ctx", "_owner", "sock", "_expected", "address", "rejected")
@@ -41,8 +46,7 @@ class BindWaiter:
         self._ctx = ctx
         self._owner = owner
         self._expected = expected_ip  # None: any peer (the client gave 0.0.0.0)
-        family = socket.AF_INET6 if ":" in source_ip else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        sock = socket.socket(policy.family_of(source_ip), socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
             sock.bind((source_ip, 0))
             sock.listen(1)
@@ -75,9 +79,6 @@ class BindWaiter:
         self.cancel()
         self._owner.on_bind_accepted(peer, address)
 
-    def on_writable(self) -> None:  # pragma: no cover - registered for read only
-        raise AssertionError("bind listener registered for write")
-
     def on_crash(self, exc: BaseException) -> None:
         self.cancel()
         self._owner.on_crash(exc)
@@ -87,3 +88,28 @@ class BindWaiter:
         if sock is not None:
             self._ctx.loop.forget(sock.fileno())
             sock.close()
+
+
+def listen(
+    ctx: WorkerContext, owner: BindOwner, ingress_ip: str, request: CommandRequest
+) -> BindWaiter:
+    """A listener for the peer the BIND `request` names (DST.ADDR; 0.0.0.0 or :: = any
+    peer), on the egress IP that matches `ingress_ip`.
+
+    Raises:
+        Refused: a name as the expected peer (0x08), no egress address of the ingress
+            family (0x04), or the listener could not be made (0x01, with its errno).
+    """
+    if request.address_type is AddressType.DOMAINNAME:
+        # The expected peer is named by address: a name would need a lookup whose
+        # answer the peer's address may not match anyway.
+        raise Refused(Reply.ADDRESS_TYPE_NOT_SUPPORTED, "bind_needs_address")
+    source = ctx.policy.source(ingress_ip, policy.family_of(ingress_ip))
+    if source is None:
+        raise Refused(Reply.HOST_UNREACHABLE, "no_egress_for_family")
+    peer_ip = request.host
+    expected = None if peer_ip in ("0.0.0.0", "::") else policy.normalize_ip(peer_ip)
+    try:
+        return BindWaiter(ctx, owner, source, expected)
+    except OSError as exc:
+        raise Refused(Reply.GENERAL_FAILURE, "bind_failed", errno=errno_name(exc.errno)) from exc

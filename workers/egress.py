@@ -18,7 +18,9 @@ import socket
 import struct
 from typing import Any, Protocol
 
+from socksd.handlers import WriteOnlyHandler
 from socksd.socks5 import Reply
+from workers.events import errno_name
 from workers.loop import EVENT_WRITE, Loop, Timer
 from workers.pressure import PortPressure, TargetCounters
 
@@ -64,10 +66,6 @@ class EgressFailed(Exception):
         return errno_name(self.errno)
 
 
-def errno_name(err: int) -> str:
-    return errno.errorcode.get(err, str(err)).lower()
-
-
 class ConnectOwner(Protocol):
     """Who is told how a connect attempt ended (a session)."""
 
@@ -88,7 +86,7 @@ def abort(sock: socket.SocketType) -> None:
     sock.close()
 
 
-class Connector:
+class Connector(WriteOnlyHandler):
     """One upstream connect, with timer-driven retries while no 4-tuple is free.
 
     `connect()` builds it and makes the first attempt at once. The owner then hears
@@ -213,9 +211,6 @@ class Connector:
                 self._tc.release(self._loop.now, time_wait=False)
                 abort(sock)
             raise
-
-    def on_readable(self) -> None:  # pragma: no cover - registered for write only
-        raise AssertionError("connector registered for read")
 
     def on_crash(self, exc: BaseException) -> None:
         self.cancel()

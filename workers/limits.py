@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from socksd.config import Config, UserAccess
+from workers.events import LogGate
 from workers.reporter import WorkerCounters
 
 _NO_USER = UserAccess()
-_LOG_INTERVAL = 10.0  # seconds between `limit_reached` lines per limit
 _FAILURE_MEMORY = 600.0  # a client IP's failed logins are forgotten after this quiet time
 _MAX_TRACKED = 65536  # client IPs with failed logins kept at most (oldest dropped)
 
@@ -79,8 +79,7 @@ class Limits:
         self._buckets: dict[str, _Bucket] = {}
         self._failures: dict[str, _Failures] = {}
         self._log = log
-        self._last_logged: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
+        self._gates: dict[str, LogGate] = {}  # one per refusal reason: a fixed set
         self._counters = counters
         per_user = self._cfg.max_tunnels_per_user or self._cfg.user_rate
         self.claims_needed = bool(
@@ -128,13 +127,12 @@ class Limits:
         """Count a refusal (stats: refused) and log `event` at most once per interval per
         reason, with how many were not logged since the last line."""
         self._counters.refuse(reason)
-        last = self._last_logged.get(reason)
-        if last is not None and now - last < _LOG_INTERVAL:
-            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
-            return reason
-        self._last_logged[reason] = now
-        suppressed = self._suppressed.pop(reason, 0)
-        self._log.warning(event, reason=reason, suppressed=suppressed, **fields)
+        gate = self._gates.get(reason)
+        if gate is None:
+            gate = self._gates[reason] = LogGate()
+        suppressed = gate.open(now)
+        if suppressed is not None:
+            self._log.warning(event, reason=reason, suppressed=suppressed, **fields)
         return reason
 
     # -- failed logins ---------------------------------------------------------------

@@ -20,8 +20,9 @@ import select
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
+from socksd.handlers import Handler, ReadOnlyHandler
 from socksd.logs import get_logger
 
 EVENT_READ = 1
@@ -30,14 +31,6 @@ _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 _FAULT = select.EPOLLERR | select.EPOLLHUP
 # events -> epoll mask, indexed by EVENT_READ | EVENT_WRITE
 _EPOLL_MASK = (0, _IN, _OUT, _IN | _OUT)
-
-
-class Handler(Protocol):
-    """What the loop calls for a registered file object."""
-
-    def on_readable(self) -> None: ...
-    def on_writable(self) -> None: ...
-    def on_crash(self, exc: BaseException) -> None: ...
 
 
 class Timer:
@@ -74,7 +67,7 @@ def _noop(*_: object) -> None:
     return None
 
 
-class _Wakeup:
+class _Wakeup(ReadOnlyHandler):
     """Read end of the eventfd that threads write to after posting a callback."""
 
     def __init__(self, loop: Loop) -> None:
@@ -89,9 +82,6 @@ class _Wakeup:
             os.eventfd_read(self.fd)
         except BlockingIOError:
             pass  # another tick already drained it; the queue is run every tick anyway
-
-    def on_writable(self) -> None:  # pragma: no cover - never registered for write
-        raise AssertionError("wakeup fd registered for write")
 
     def on_crash(self, exc: BaseException) -> None:
         raise exc

@@ -23,16 +23,15 @@ from socksd.kernel import read_kernel_settings
 from socksd.listeners import describe
 from socksd.policy import EgressPolicy
 from socksd.signals import SignalPipe
+from workers import sweeps
 from workers.acceptor import Acceptor
 from workers.authenticator import Authenticator
 from workers.context import WorkerContext
 from workers.limits import Limits
 from workers.loop import EVENT_READ, Loop
 from workers.pressure import PortPressure
-from workers.relay import IdleSweep
 from workers.reporter import Reporter, WorkerCounters
 from workers.resolver import Resolver
-from workers.session import DeadlineSweep
 
 _DRAIN_POLL = 0.1
 _HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1)
@@ -83,9 +82,16 @@ class Worker:
         )
         if not config.relay_splice:
             self.ctx.pipes = None
-        IdleSweep(loop, self.ctx.open, config.timeouts.idle)
         timeouts = config.timeouts
-        DeadlineSweep(loop, self.ctx.handshakes, (timeouts.handshake, timeouts.connect))
+        sweeps.start(
+            loop,
+            handshakes=self.ctx.handshakes,
+            open_conns=self.ctx.open,
+            handshake=timeouts.handshake,
+            connect=timeouts.connect,
+            idle=timeouts.idle,
+            udp_idle=timeouts.udp_idle,
+        )
         self.reporter = Reporter(
             loop,
             stats_fd,

@@ -20,6 +20,7 @@ from typing import Any
 from socksd.config import hostport
 from socksd.kernel import KernelSettings
 from socksd.stats import EgressIpStats, EgressSnapshot, TargetPressure
+from workers.events import LogGate
 
 _BUCKETS = 8
 LOG_INTERVAL = 1.0  # at most one egress_exhausted line per (IP, target) per second
@@ -40,7 +41,7 @@ class IpCounters:
         "rescued",
         "udp_open",
         "window",
-        "next_bind_log",
+        "bind_log",
     )
 
     def __init__(self, ip: str, window: float) -> None:
@@ -54,7 +55,7 @@ class IpCounters:
         self.retries = 0
         self.rescued = 0
         self.udp_open = 0  # UDP association sockets bound to this IP (one port each)
-        self.next_bind_log = 0.0
+        self.bind_log: LogGate | None = None  # made at the first bind failure
 
     def fail(self, errno_name: str) -> None:
         self.failed[errno_name] = self.failed.get(errno_name, 0) + 1
@@ -69,8 +70,7 @@ class TargetCounters:
         "open",
         "exhausted",
         "high",
-        "next_log",
-        "suppressed",
+        "exhausted_log",
         "_width",
         "_counts",
         "_epochs",
@@ -82,8 +82,7 @@ class TargetCounters:
         self.open = 0
         self.exhausted = 0
         self.high = False
-        self.next_log = 0.0
-        self.suppressed = 0
+        self.exhausted_log: LogGate | None = None  # made at the first exhaustion
         self._width = ipc.window / _BUCKETS
         self._counts = [0] * _BUCKETS
         self._epochs = [-1] * _BUCKETS
@@ -176,10 +175,12 @@ class PortPressure:
         """No 4-tuple was free for (IP, target), retries included: the tunnel is refused."""
         tc.exhausted += 1
         tc.ipc.exhausted += 1
-        if now < tc.next_log:
-            tc.suppressed += 1
+        gate = tc.exhausted_log
+        if gate is None:
+            gate = tc.exhausted_log = LogGate()
+        suppressed = gate.open(now, LOG_INTERVAL)
+        if suppressed is None:
             return
-        tc.next_log = now + LOG_INTERVAL
         self._log.warning(
             "egress_exhausted",
             egress_ip=tc.ipc.ip,
@@ -189,15 +190,15 @@ class PortPressure:
             ephemeral_ports=self.ports,
             attempts=attempts,
             exhausted_total=tc.exhausted,
-            suppressed=tc.suppressed,
+            suppressed=suppressed,
         )
-        tc.suppressed = 0
 
     def bind_failed(self, ipc: IpCounters, errno_name: str, now: float) -> None:
         """bind() of the source address failed: a configuration problem, not load."""
-        if now < ipc.next_bind_log:
+        if ipc.bind_log is None:
+            ipc.bind_log = LogGate()
+        if ipc.bind_log.open(now, LOG_INTERVAL) is None:
             return
-        ipc.next_bind_log = now + LOG_INTERVAL
         self._log.error(
             "egress_bind_failed",
             egress_ip=ipc.ip,

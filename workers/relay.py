@@ -1,7 +1,8 @@
 """The byte pump between a client and its target, once the tunnel is up.
 
-Owns: reading and writing both sockets, back-pressure, half-close, the idle sweep,
-byte counters, closing both sockets, the `tunnel_closed` log line.
+Owns: reading and writing both sockets, back-pressure, half-close, byte counters,
+closing both sockets and the tunnel's `tunnel_closed` line (its idle cut is
+`workers.sweeps`').
 Must not: know SOCKS; the session hands over two connected sockets, the bytes still
 owed to each side (the reply, the client's early payload) and a bound logger.
 
@@ -24,8 +25,9 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from workers.egress import abort
+from workers.events import errno_name, tunnel_closed
 from workers.limits import Claim
-from workers.loop import EVENT_READ, EVENT_WRITE, Loop
+from workers.loop import EVENT_READ, EVENT_WRITE
 from workers.pipes import PIPE_SIZE, Pipe
 from workers.pipes import close as close_pipe
 from workers.pressure import TargetCounters
@@ -332,10 +334,7 @@ class Relay:
 
     def _abort(self, side: _Side, exc: BaseException) -> None:
         who = "client" if side is self.client else "upstream"
-        self.close(
-            f"{who}_{errno.errorcode.get(getattr(exc, 'errno', 0) or 0, 'error').lower()}",
-            abortive=True,
-        )
+        self.close(f"{who}_{errno_name(getattr(exc, 'errno', 0))}", abortive=True)
 
     def crash(self, exc: BaseException) -> None:
         self._log.error("tunnel_crashed", exc_info=exc)
@@ -375,14 +374,7 @@ class Relay:
         counters.tunnels_closed += 1
         counters.bytes_up += bytes_up
         counters.bytes_down += bytes_down
-        self._log.info(
-            "tunnel_closed",
-            reply=0,
-            reason=reason,
-            bytes_up=bytes_up,
-            bytes_down=bytes_down,
-            duration_ms=round((now - self._started) * 1000, 1),
-        )
+        tunnel_closed(self._log, reason, self._started, now, bytes_up, bytes_down)
         ctx.open.discard(self)
         # Break the relay <-> side cycles: freed by refcounting now, not left to the
         # cyclic GC (whose young collections cost ~3 % of a busy worker's CPU).
@@ -391,26 +383,3 @@ class Relay:
             self._lease.release(now, not abortive and not self._target_closed_first)
         if self._claim is not None:
             self._claim.release()
-
-
-class IdleSweep:
-    """Cuts tunnels that moved no byte for `idle` seconds.
-
-    One timer per worker, every min(1 s, idle / 4), instead of a timer per tunnel
-    (created, pushed on the heap and cancelled for every tunnel, ~1.5 us each); a
-    tunnel is cut between `idle` and `idle` + the interval after its last byte.
-    """
-
-    def __init__(self, loop: Loop, registry: set[Any], idle: float) -> None:
-        self._loop = loop
-        self._registry = registry
-        self._idle = idle
-        self._interval = min(1.0, idle / 4)
-        loop.call_later(self._interval, self._sweep)
-
-    def _sweep(self) -> None:
-        cutoff = self._loop.now - self._idle
-        idle = [r for r in self._registry if isinstance(r, Relay) and r.quiet_since() <= cutoff]
-        for relay in idle:
-            relay.close("idle_timeout", abortive=True)
-        self._loop.call_later(self._interval, self._sweep)

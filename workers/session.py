@@ -1,23 +1,41 @@
-"""One client connection from accept until its tunnel is relaying (or refused).
+"""One client conversation, from accept until its tunnel is handed over (or refused).
 
-Owns: the SOCKS5 conversation (greeting -> auth -> request -> resolve -> connect ->
-reply), its timeouts, failure replies and the log line of a refused connection.
-Must not: pump tunnel bytes (`workers.relay`) or create upstream sockets
-(`workers.egress`).
+Owns: the conversation's phases and their table, which front door (codec) the first
+byte picks, what each timeout does to a phase, failure replies and the closing line of
+a refused request, and the one hand-over path to a relay (CONNECT, BIND) or a UDP
+association.
+Must not: create sockets (`workers.egress`, `workers.bind`, `workers.udp` do), pump
+tunnel bytes (`workers.relay`), decide admission or policy (`workers.admission`,
+`socksd.access`, `socksd.policy`), know a wire format (the codecs do), or keep time
+(`workers.sweeps` watches the handshake and connect deadlines).
 
-Phases: HANDSHAKE -> [AUTHENTICATING -> HANDSHAKE] -> RESOLVING -> CONNECTING ->
-RELAYING, or -> DRAINING -> CLOSED after a failure reply. Every change goes through
-`_transition()`, which rejects a change the table does not list.
+Phases (`_ALLOWED` is the whole truth; every change goes through `_transition()`,
+which rejects a change the table does not list):
+
+    HANDSHAKE       reading the greeting, the sub-negotiation and the request
+    AUTHENTICATING  the credentials are being checked (off the loop; back-off timer)
+    RESOLVING       the request's name is being resolved
+    CONNECTING      the upstream connect (with its retries) is under way
+    BINDING         BIND: the first reply is sent, the listener waits for the peer
+    RELAYING        handed over to a relay or a UDP association: the session is done
+    DRAINING        a failure reply was sent; waiting for the client to read it and close
+    CLOSED          the client socket is closed
+
+HANDSHAKE -> [AUTHENTICATING -> HANDSHAKE] -> RESOLVING -> CONNECTING -> RELAYING, or
+HANDSHAKE -> BINDING -> RELAYING, or HANDSHAKE -> RELAYING (UDP ASSOCIATE); any phase
+but RELAYING -> DRAINING -> CLOSED after a failure reply, or straight to CLOSED when
+nothing can be sent.
 """
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from enum import Enum, auto
 from typing import Any
 
 from socksd import access, policy
-from socksd.config import UserAccess, hostport
+from socksd.config import hostport
 from socksd.socks4 import Socks4ServerConnection
 from socksd.socks5 import (
     NEED_DATA,
@@ -37,14 +55,14 @@ from socksd.socks5 import (
     UserPassAuth,
     choose_method,
 )
-from workers import egress
+from workers import admission, bind, egress, udp
 from workers.bind import BindWaiter
 from workers.context import WorkerContext
+from workers.events import Refused, errno_name, tunnel_closed
 from workers.limits import Claim
-from workers.loop import EVENT_READ, EVENT_WRITE, Loop, Timer
+from workers.loop import EVENT_READ, EVENT_WRITE, Timer
 from workers.pressure import TargetCounters
 from workers.relay import Relay
-from workers.udp import UdpAssociation
 
 # Largest handshake message is 513 bytes (RFC 1929); the rest of this allowance is for a
 # client's first payload sent before our reply (it is relayed, never dropped).
@@ -53,7 +71,6 @@ _RECV = 16 * 1024
 # After a failure reply, how long we wait for the client to read it and close before we
 # close ourselves (RFC 1928 section 6 allows up to 10 s).
 DRAIN_TIMEOUT = 2.0
-_NO_USER = UserAccess()
 AF_INET, AF_INET6 = socket.AF_INET, socket.AF_INET6
 _WITH_AUTH = (Method.USERNAME_PASSWORD,)
 _WITHOUT_AUTH = (Method.NO_AUTH,)
@@ -62,8 +79,19 @@ _SELECTIONS: dict[int, MethodSelection] = {m: MethodSelection(m) for m in Method
 # Enum.name is a Python-level property: one dict lookup instead, per request.
 _COMMAND_NAMES = {c: c.name.lower() for c in Command}
 
+Codec = Socks5ServerConnection | Socks4ServerConnection
+# The front doors other than SOCKS5, by the first byte their clients send (SOCKS4's
+# VN); each is served when `protocols` names it. SOCKS5's codec is made with every
+# session (the usual case); a first byte with no door here goes to it, which names
+# the error.
+_FRONT_DOORS: dict[int, tuple[str, Callable[[int], Codec]]] = {
+    4: ("socks4", Socks4ServerConnection),
+}
+
 
 class Phase(Enum):
+    """Where the conversation stands (the module docstring says what each means)."""
+
     # Identity hash (members are singletons): Enum's default hashes the name in Python,
     # and _transition() looks phases up in _ALLOWED twice per tunnel.
     __hash__ = object.__hash__
@@ -72,8 +100,8 @@ class Phase(Enum):
     AUTHENTICATING = auto()
     RESOLVING = auto()
     CONNECTING = auto()
-    BINDING = auto()  # BIND: first reply sent, waiting for the peer
-    RELAYING = auto()  # handed over: to a relay or a UDP association
+    BINDING = auto()
+    RELAYING = auto()
     DRAINING = auto()
     CLOSED = auto()
 
@@ -90,12 +118,13 @@ _ALLOWED: dict[Phase, frozenset[Phase]] = {
             Phase.CLOSED,
         }
     ),
-    Phase.BINDING: frozenset({Phase.RELAYING, Phase.DRAINING, Phase.CLOSED}),
     Phase.AUTHENTICATING: frozenset({Phase.HANDSHAKE, Phase.DRAINING, Phase.CLOSED}),
     Phase.RESOLVING: frozenset({Phase.CONNECTING, Phase.DRAINING, Phase.CLOSED}),
     Phase.CONNECTING: frozenset({Phase.RELAYING, Phase.DRAINING, Phase.CLOSED}),
+    Phase.BINDING: frozenset({Phase.RELAYING, Phase.DRAINING, Phase.CLOSED}),
     Phase.DRAINING: frozenset({Phase.CLOSED}),
-    Phase.RELAYING: frozenset(),
+    # Only if the hand-over itself crashed: the session then closes what it still has.
+    Phase.RELAYING: frozenset({Phase.CLOSED}),
     Phase.CLOSED: frozenset(),
 }
 
@@ -110,16 +139,17 @@ _RELAYING = Phase.RELAYING
 _DRAINING = Phase.DRAINING
 _CLOSED = Phase.CLOSED
 _CONNECT = Command.CONNECT
+_BIND = Command.BIND
 _DOMAINNAME = AddressType.DOMAINNAME
 _IPV6 = AddressType.IPV6
 _SUCCEEDED = Reply.SUCCEEDED
 _NO_ACCEPTABLE = Method.NO_ACCEPTABLE
-# Phases whose deadline (handshake, then connect) the DeadlineSweep watches.
+# Phases whose deadline (handshake, then connect) the deadline sweep watches.
 _SWEPT = frozenset({_HANDSHAKE, _AUTHENTICATING, _RESOLVING, _CONNECTING})
 
 
 class Session:
-    """The SOCKS5 handshake of one client, driven by loop callbacks."""
+    """One client's conversation, driven by loop callbacks."""
 
     __slots__ = (
         "_ctx",
@@ -144,7 +174,7 @@ class Session:
         "_claim",
         "deadline",
         "_first_byte",
-        "_socks4",
+        "_protocol",
         "_bind",
     )
 
@@ -155,15 +185,16 @@ class Session:
         loop = self._loop = ctx.loop
         self.client = client
         self._fd = client.fileno()
-        self._codec = Socks5ServerConnection(HANDSHAKE_BUFFER)
+        self._codec: Codec = Socks5ServerConnection(HANDSHAKE_BUFFER)
+        self._protocol = "socks5"
         self.phase = _HANDSHAKE
         self._out = b""
         self._started = loop.now
         self._ingress_ip = ingress_ip
         self._peer = peer
         # The connection's log context, bound into a logger once: when something is
-        # logged before the tunnel opens (`log`), or at the relay handover (one
-        # structlog bind per tunnel instead of one per fact learned).
+        # logged before the tunnel opens (`log`), or at the hand-over (one structlog
+        # bind per tunnel instead of one per fact learned).
         self._context: dict[str, Any] = {
             "conn_id": ctx.next_conn_id(),
             "client": hostport(policy.normalize_ip(peer[0]), peer[1]),
@@ -176,10 +207,9 @@ class Session:
         self._user: str | None = None
         self._claim: Claim | None = None  # this tunnel's place in per-IP/per-user counts
         self._bind: BindWaiter | None = None
-        self._first_byte = True  # the first byte read says SOCKS5 or SOCKS4
-        self._socks4 = False
+        self._first_byte = True  # the first byte read picks the front door
         self._eof = False  # FIN read, or early data while connecting: stop polling reads
-        # Handshake and connect deadlines are watched by the worker's DeadlineSweep
+        # Handshake and connect deadlines are watched by the worker's deadline sweep
         # (no timer per session); BIND and draining use a timer of their own.
         self._timer: Timer | None = None
         self.deadline = loop.now + ctx.config.timeouts.handshake
@@ -221,7 +251,7 @@ class Session:
             if phase is _DRAINING:
                 self._finish()  # its one line was written when the failure was decided
             else:
-                self._end_quietly(f"client_{egress.errno_name(exc.errno or 0)}")
+                self._end_quietly(f"client_{errno_name(exc.errno)}")
             return
         if phase is _DRAINING:
             if not data:
@@ -233,11 +263,11 @@ class Session:
         elif self._first_byte:
             self._first_byte = False
             if data[0] != 5 or self._ctx.socks5_off:
-                if not self._pick_protocol(data[0]):
+                if not self._pick_front_door(data[0]):
                     return
             elif self._ctx.authenticator is None:
                 # The usual greeting (05 01 00) and its answer in one codec step.
-                answer = self._codec.accept_no_auth(data)
+                answer = self._codec.accept_no_auth(data)  # type: ignore[union-attr]
                 if answer is not None:
                     if not self._write(answer):
                         self._client_gone()
@@ -262,7 +292,25 @@ class Session:
         self.log.error("session_crashed", phase=self.phase.name.lower(), exc_info=exc)
         self._finish()
 
+    def on_deadline(self) -> None:
+        """The handshake or connect deadline passed (the deadline sweep)."""
+        self._on_timeout()
+
     # -- the conversation -------------------------------------------------------------
+
+    def _pick_front_door(self, first: int) -> bool:
+        """The first byte names the protocol; False: refused (and ended)."""
+        door = _FRONT_DOORS.get(first)
+        if door is not None and door[0] in self._ctx.config.protocols:
+            name, make_codec = door
+            self._codec = make_codec(HANDSHAKE_BUFFER)
+            self._protocol = name
+            self._learned({"protocol": name})
+            return True
+        if first == 5 and self._ctx.socks5_off:
+            self._handshake_failed("protocol_disabled", drain=False)
+            return False
+        return True  # anything else: the SOCKS5 codec names the error
 
     def _process(self, event: Event | NeedData = NEED_DATA) -> None:
         """Handle `event` (already read, if any), then every whole message buffered."""
@@ -337,191 +385,39 @@ class Session:
         self._process()
 
     def _on_request(self, event: CommandRequest) -> None:
+        ctx = self._ctx
         self._learned(
             {"target": hostport(event.host, event.port), "command": _COMMAND_NAMES[event.command]}
         )
-        if self._socks4 and not self._socks4_user():
-            return
-        if (self._user is not None or self._ctx.limits.claims_needed) and not self._admit():
+        try:
+            if self._protocol == "socks4":
+                userid = self._codec.userid  # type: ignore[union-attr]
+                user = admission.identify_socks4(ctx, userid)
+                if user is not None:
+                    self._user = user
+                    self._learned({"user": user})
+            if self._user is not None or ctx.limits.claims_needed:
+                self._claim = admission.admit(ctx, self._peer[0], self._user, self._ingress_ip)
+        except Refused as refused:
+            self._refuse(refused)
             return
         if event.command is not _CONNECT:
-            if event.command is Command.BIND:
+            if event.command is _BIND:
                 self._start_bind(event)
             else:
                 self._start_udp(event)
             return
-        self.deadline = self._loop.now + self._ctx.config.timeouts.connect
+        self.deadline = self._loop.now + ctx.config.timeouts.connect
         # The read interest is the same while resolving and connecting as in the
         # handshake: no _update() for these transitions.
         if event.address_type is _DOMAINNAME:
             self._transition(_RESOLVING)
-            self._ctx.resolver.resolve(event.host, event.port, self._on_resolved)
+            ctx.resolver.resolve(event.host, event.port, self._on_resolved)
             return
         family = AF_INET6 if event.address_type is _IPV6 else AF_INET
         self._start_connecting([(family, (event.host, event.port))])
 
-    # -- SOCKS4, BIND, UDP ASSOCIATE -------------------------------------------------------
-
-    def _pick_protocol(self, first: int) -> bool:
-        """The first byte: 5 is SOCKS5, 4 SOCKS4 (when enabled). False: refused."""
-        protocols = self._ctx.config.protocols
-        if first == 4 and "socks4" in protocols:
-            self._socks4 = True
-            self._codec = Socks4ServerConnection(max_buffer=HANDSHAKE_BUFFER)  # type: ignore[assignment]
-            self._learned({"protocol": "socks4"})
-            return True
-        if first == 5 and self._ctx.socks5_off:
-            self._handshake_failed("protocol_disabled", drain=False)
-            return False
-        return True  # anything else: the SOCKS5 codec names the error
-
-    def _socks4_user(self) -> bool:
-        """SOCKS4 has no password: with auth on, the USERID must name a configured user
-        (identification, not authentication; see the README). False: refused."""
-        assert isinstance(self._codec, Socks4ServerConnection)
-        userid = self._codec.userid.decode("utf-8", "replace")
-        if self._ctx.authenticator is None:
-            return True
-        if userid not in self._ctx.config.auth.users:
-            self._reply_failure(Reply.NOT_ALLOWED, "socks4_unknown_user", user=userid)
-            return False
-        self._user = userid
-        self._learned({"user": userid})
-        return True
-
-    def _start_bind(self, event: CommandRequest) -> None:
-        """Listen on the ingress-matched IP; first reply now, the second with the peer."""
-        if event.address_type is AddressType.DOMAINNAME:
-            # The expected peer is named by address: a name would need a lookup whose
-            # answer the peer's address may not match anyway.
-            self._reply_failure(Reply.ADDRESS_TYPE_NOT_SUPPORTED, "bind_needs_address")
-            return
-        family = socket.AF_INET6 if ":" in self._ingress_ip else socket.AF_INET
-        source = self._ctx.policy.source(self._ingress_ip, family)
-        if source is None:
-            self._reply_failure(Reply.HOST_UNREACHABLE, "no_egress_for_family")
-            return
-        expected = None if event.host in ("0.0.0.0", "::") else policy.normalize_ip(event.host)
-        try:
-            self._bind = BindWaiter(self._ctx, self, source, expected)
-        except OSError as exc:
-            self._reply_failure(
-                Reply.GENERAL_FAILURE, "bind_failed", errno=egress.errno_name(exc.errno or 0)
-            )
-            return
-        host, port = self._bind.address
-        self._transition(_BINDING)
-        self._timer = self._loop.call_later(self._ctx.config.timeouts.bind, self._on_timeout)
-        self._learned({"bind": hostport(host, port)})
-        reply = self._codec.send(CommandReply(Reply.SUCCEEDED, host, port, interim=True))
-        if not self._write(reply):
-            self._client_gone()
-
-    def _binding_readable(self) -> None:
-        """While BINDING: a FIN or an error ends the wait; early payload is kept (the
-        codec's buffer, bounded by HANDSHAKE_BUFFER) for the relay, and reading goes
-        on, so a client that leaves is noticed at once."""
-        try:
-            data = self.client.recv(_RECV)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._reply_failure(
-                Reply.GENERAL_FAILURE, f"client_{egress.errno_name(exc.errno or 0)}"
-            )
-            return
-        if not data:
-            self._reply_failure(Reply.GENERAL_FAILURE, "client_closed")
-            return
-        try:
-            self._codec.receive_data(data)
-        except ProtocolError as exc:  # more early payload than the buffer holds
-            self._reply_failure(Reply.GENERAL_FAILURE, exc.reason, wire=exc.reply)
-
-    def on_bind_accepted(self, peer: socket.SocketType, address: tuple[Any, ...]) -> None:
-        self._bind = None
-        verdict = self._ctx.destinations.check(
-            address[0], address[1], self._ingress_ip, self._user_rules()
-        )
-        if verdict is not None:
-            peer.close()
-            self._deny_destination(verdict, address)
-            return
-        # The final reply names the peer that connected (RFC 1928 section 4).
-        self._relay(peer, (policy.normalize_ip(address[0]), address[1]), None, 0)
-
-    def _start_udp(self, event: CommandRequest) -> None:
-        """Open the association's relay socket on the ingress IP and hand over."""
-        family = socket.AF_INET6 if ":" in self._ingress_ip else socket.AF_INET
-        try:
-            relay = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
-        except OSError as exc:  # EMFILE: no crash, a reply
-            self._reply_failure(
-                Reply.GENERAL_FAILURE, "udp_socket_failed", errno=egress.errno_name(exc.errno or 0)
-            )
-            return
-        try:
-            relay.bind((self._ingress_ip, 0))
-        except OSError as exc:
-            relay.close()
-            self._reply_failure(
-                Reply.GENERAL_FAILURE, "udp_bind_failed", errno=egress.errno_name(exc.errno or 0)
-            )
-            return
-        host, port = relay.getsockname()[:2]
-        self._cancel_timer()
-        self._transition(_RELAYING)
-        reply = self._codec.send(CommandReply(Reply.SUCCEEDED, host, port))
-        counters = self._ctx.counters
-        counters.replied(Reply.SUCCEEDED)
-        counters.tunnels_opened += 1
-        self._ctx.open.discard(self)
-        client_mask, self._mask = self._mask, 0
-        self._claim, claim = None, self._claim
-        announced = event.host if event.address_type is not AddressType.DOMAINNAME else ""
-        assoc = UdpAssociation(
-            self._ctx,
-            self.client,
-            client_mask,
-            relay,
-            log=self.log.bind(udp_relay=hostport(host, port)),
-            started=self._started,
-            ingress_ip=self._ingress_ip,
-            client_ip=policy.normalize_ip(self._peer[0]),
-            announced=(announced, event.port),
-            user_rules=self._user_rules(),
-            claim=claim,
-        )
-        try:
-            self.client.send(self._out + reply)
-        except OSError:
-            assoc.close("client_gone")
-
-    def _user_rules(self) -> tuple[access.Rule, ...]:
-        if self._user is None:
-            return ()
-        return self._ctx.config.access.users.get(self._user, _NO_USER).destinations
-
-    def _admit(self) -> bool:
-        """Per-user ingress rule and the concurrency/rate limits; False: refused (0x02).
-        Only called with a user or with limits configured."""
-        ctx = self._ctx
-        user = self._user
-        if user is not None:
-            nets = ctx.config.access.users.get(user, _NO_USER).ingress
-            if nets and not access.ingress_allowed(nets, self._ingress_ip):
-                # A customer may only use the IPs leased to them.
-                ctx.counters.refuse("ingress_not_allowed")
-                self._reply_failure(Reply.NOT_ALLOWED, "ingress_not_allowed")
-                return False
-        if not ctx.limits.claims_needed:
-            return True
-        claim = ctx.limits.claim(self._peer[0], user, self._loop.now)
-        if isinstance(claim, str):
-            self._reply_failure(Reply.NOT_ALLOWED, claim)
-            return False
-        self._claim = claim
-        return True
+    # -- CONNECT ----------------------------------------------------------------------
 
     def _on_resolved(self, addresses: Any, error: BaseException | None) -> None:
         if self.phase is not _RESOLVING:
@@ -556,7 +452,7 @@ class Session:
         address is denied with it (no DNS-rebinding detour).
         """
         ctx = self._ctx
-        user_rules = self._user_rules() if self._user is not None else ()
+        user_rules = admission.user_rules(ctx, self._user) if self._user is not None else ()
         allowed, denied = [], None
         for family, sockaddr in addresses:
             verdict = ctx.destinations.check(sockaddr[0], sockaddr[1], self._ingress_ip, user_rules)
@@ -605,7 +501,7 @@ class Session:
         self.log.debug(
             "upstream_connect_failed",
             stage=failure.stage,
-            errno=egress.errno_name(failure.errno),
+            errno=errno_name(failure.errno),
             source=source,
             address=hostport(target[0], target[1]),
         )
@@ -619,8 +515,85 @@ class Session:
 
     def on_egress_connected(self, upstream: socket.SocketType, lease: TargetCounters) -> None:
         self._connector = None
-        bound = upstream.getsockname()
-        self._relay(upstream, bound, lease, EVENT_WRITE)
+        self._relay(upstream, upstream.getsockname(), lease, EVENT_WRITE)
+
+    # -- BIND, UDP ASSOCIATE --------------------------------------------------------------
+
+    def _start_bind(self, event: CommandRequest) -> None:
+        """Listen for the peer; the first reply now, the second when it connects."""
+        try:
+            self._bind = waiter = bind.listen(self._ctx, self, self._ingress_ip, event)
+        except Refused as refused:
+            self._refuse(refused)
+            return
+        host, port = waiter.address
+        self._transition(_BINDING)
+        self._timer = self._loop.call_later(self._ctx.config.timeouts.bind, self._on_timeout)
+        self._learned({"bind": hostport(host, port)})
+        reply = self._codec.send(CommandReply(_SUCCEEDED, host, port, interim=True))
+        if not self._write(reply):
+            self._client_gone()
+
+    def _binding_readable(self) -> None:
+        """While BINDING: a FIN or an error ends the wait; early payload is kept (the
+        codec's buffer, bounded by HANDSHAKE_BUFFER) for the relay, and reading goes
+        on, so a client that leaves is noticed at once."""
+        try:
+            data = self.client.recv(_RECV)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._reply_failure(Reply.GENERAL_FAILURE, f"client_{errno_name(exc.errno)}")
+            return
+        if not data:
+            self._reply_failure(Reply.GENERAL_FAILURE, "client_closed")
+            return
+        try:
+            self._codec.receive_data(data)
+        except ProtocolError as exc:  # more early payload than the buffer holds
+            self._reply_failure(Reply.GENERAL_FAILURE, exc.reason, wire=exc.reply)
+
+    def on_bind_accepted(self, peer: socket.SocketType, address: tuple[Any, ...]) -> None:
+        self._bind = None
+        verdict = self._ctx.destinations.check(
+            address[0], address[1], self._ingress_ip, admission.user_rules(self._ctx, self._user)
+        )
+        if verdict is not None:
+            peer.close()
+            self._deny_destination(verdict, address)
+            return
+        # The final reply names the peer that connected (RFC 1928 section 4).
+        self._relay(peer, (policy.normalize_ip(address[0]), address[1]), None, 0)
+
+    def _start_udp(self, event: CommandRequest) -> None:
+        """Open the association's relay socket on the ingress IP and hand over."""
+        try:
+            relay = udp.open_relay_socket(self._ingress_ip)
+        except Refused as refused:
+            self._refuse(refused)
+            return
+        ctx = self._ctx
+        to_client, mask, claim, log = self._hand_over(relay.getsockname(), "udp_relay")
+        announced = event.host if event.address_type is not _DOMAINNAME else ""
+        assoc = udp.UdpAssociation(
+            ctx,
+            self.client,
+            mask,
+            relay,
+            log=log,
+            started=self._started,
+            ingress_ip=self._ingress_ip,
+            client_ip=policy.normalize_ip(self._peer[0]),
+            announced=(announced, event.port),
+            user_rules=admission.user_rules(ctx, self._user),
+            claim=claim,
+        )
+        try:
+            self.client.send(to_client)
+        except OSError:
+            assoc.close("client_gone")
+
+    # -- hand-over --------------------------------------------------------------------------
 
     def _relay(
         self,
@@ -629,30 +602,16 @@ class Session:
         lease: TargetCounters | None,
         upstream_mask: int,
     ) -> None:
-        """Send the final success reply (BND = `bound`) and hand both sockets over."""
-        ctx = self._ctx
-        self._cancel_timer()
-        self._transition(_RELAYING)
-        codec = self._codec
-        reply = codec.send_success(bound[0], bound[1])
-        counters = ctx.counters
-        counters.replied(_SUCCEEDED)
-        counters.tunnels_opened += 1
-        ctx.open.discard(self)
-        context = self._context
-        context["egress"] = hostport(bound[0], bound[1])
-        log = ctx.log.bind_mapping(context)
+        """Hand the client and `upstream` (connected: CONNECT, or BIND's peer) to a Relay."""
+        to_client, mask, claim, log = self._hand_over(bound, "egress")
         log.debug("tunnel_opened")
-        # The relay takes over the client's registration and the tunnel's claim.
-        mask, self._mask = self._mask, 0
-        claim, self._claim = self._claim, None
         Relay(
-            ctx,
+            self._ctx,
             self.client,
             self._fd,
             upstream,
-            self._out + reply,
-            codec.trailing_data,
+            to_client,
+            self._codec.trailing_data,
             log,
             self._started,
             lease,
@@ -661,11 +620,28 @@ class Session:
             upstream_mask,
         )
 
-    # -- endings ------------------------------------------------------------------------
+    def _hand_over(
+        self, bound: tuple[Any, ...], field: str
+    ) -> tuple[bytes, int, Claim | None, Any]:
+        """The one way out of the handshake with a tunnel: the success reply naming
+        `bound` (BND.ADDR:BND.PORT, also logged as `field`), counted; then what the new
+        owner takes over: the bytes owed to the client, the client's loop registration,
+        the tunnel's claim and its bound logger. The session is done after this."""
+        ctx = self._ctx
+        self._cancel_timer()
+        self._transition(_RELAYING)
+        reply = self._codec.send_success(bound[0], bound[1])
+        counters = ctx.counters
+        counters.replied(_SUCCEEDED)
+        counters.tunnels_opened += 1
+        ctx.open.discard(self)
+        context = self._context
+        context[field] = hostport(bound[0], bound[1])
+        mask, self._mask = self._mask, 0
+        claim, self._claim = self._claim, None
+        return self._out + reply, mask, claim, ctx.log.bind_mapping(context)
 
-    def on_deadline(self) -> None:
-        """The handshake or connect deadline passed (DeadlineSweep)."""
-        self._on_timeout()
+    # -- endings ------------------------------------------------------------------------
 
     def _on_timeout(self) -> None:
         if self.phase in (_HANDSHAKE, _AUTHENTICATING):
@@ -677,6 +653,9 @@ class Session:
         elif self.phase is _DRAINING:
             self._finish()
 
+    def _refuse(self, refused: Refused) -> None:
+        self._reply_failure(refused.reply, refused.reason, **refused.fields)
+
     def _reply_failure(
         self, reply: Reply, reason: str, wire: bytes | None = None, **fields: Any
     ) -> None:
@@ -684,21 +663,15 @@ class Session:
 
         `wire`: the bytes to send instead of encoding `reply` (the codec's own answer
         after it failed)."""
-        if self._connector is not None:
-            self._connector.cancel()
-            self._connector = None
-        if self._bind is not None:
-            self._bind.cancel()
-            self._bind = None
+        self._stop_waiting()
         delivered = self._write(self._codec.send(CommandReply(reply)) if wire is None else wire)
         self._ctx.counters.replied(reply)
-        self.log.info(
-            "tunnel_closed",
+        tunnel_closed(
+            self.log,
+            reason,
+            self._started,
+            self._loop.now,
             reply=int(reply),
-            reason=reason,
-            bytes_up=0,
-            bytes_down=0,
-            duration_ms=self._elapsed_ms(),
             **{k: v for k, v in fields.items() if v is not None},
         )
         if delivered:
@@ -758,15 +731,9 @@ class Session:
     def _finish(self) -> None:
         if self.phase is _CLOSED:
             return
-        self.phase = _CLOSED
+        self._transition(_CLOSED)
         self._cancel_timer()
-        self._ctx.handshakes.discard(self)
-        if self._connector is not None:
-            self._connector.cancel()
-            self._connector = None
-        if self._bind is not None:
-            self._bind.cancel()
-            self._bind = None
+        self._stop_waiting()
         if self._mask:
             self._loop.forget(self._fd)  # closed on the next line
             self._mask = 0
@@ -775,6 +742,15 @@ class Session:
         if self._claim is not None:
             self._claim.release()
             self._claim = None
+
+    def _stop_waiting(self) -> None:
+        """Cancel the connect or the BIND listener under way, if any."""
+        if self._connector is not None:
+            self._connector.cancel()
+            self._connector = None
+        if self._bind is not None:
+            self._bind.cancel()
+            self._bind = None
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -840,26 +816,3 @@ class Session:
         ):
             want |= EVENT_READ
         self._mask = self._loop.set_interest(self._fd, self._mask, want, self)
-
-
-class DeadlineSweep:
-    """Times out handshakes and connects: one timer per worker instead of one per session.
-
-    Every min(1 s, shortest of the two timeouts / 4) it ends the sessions in
-    `handshakes` whose deadline passed (handshake phases: handshake_timeout; resolving
-    or connecting: 0x06 connect_timeout). A timer per session (created, pushed on the
-    heap, cancelled at the handover) cost ~6,000 instructions a tunnel under callgrind;
-    the price is a cut up to one interval late.
-    """
-
-    def __init__(self, loop: Loop, handshakes: set[Session], timeouts: tuple[float, ...]) -> None:
-        self._loop = loop
-        self._handshakes = handshakes
-        self._interval = min(1.0, *(t / 4 for t in timeouts))
-        loop.call_later(self._interval, self._sweep)
-
-    def _sweep(self) -> None:
-        now = self._loop.now
-        for session in [s for s in self._handshakes if s.deadline <= now]:
-            session.on_deadline()
-        self._loop.call_later(self._interval, self._sweep)

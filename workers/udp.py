@@ -15,17 +15,18 @@ which the per-IP `udp_open` figure counts.
 
 from __future__ import annotations
 
-import errno
 import socket
 from typing import Any
 
 from socksd import access, policy
 from socksd.config import hostport
-from socksd.socks5 import AddressType, ProtocolError
+from socksd.handlers import ReadOnlyHandler
+from socksd.socks5 import AddressType, ProtocolError, Reply
 from socksd.socks5_udp import encode_udp_header, parse_udp_datagram
 from workers.context import WorkerContext
+from workers.events import Refused, errno_name, tunnel_closed
 from workers.limits import Claim
-from workers.loop import EVENT_READ, Timer
+from workers.loop import EVENT_READ
 from workers.pressure import IpCounters
 
 BURST = 64  # datagrams read per readiness event and socket: one busy peer cannot starve
@@ -34,7 +35,32 @@ _NAME_CACHE = 256  # resolved names kept per association
 _MAX_PEERS = 4096  # targets per association that may answer
 
 
-class _Handler:
+def open_relay_socket(ingress_ip: str) -> socket.socket:
+    """The association's relay socket: on the IP the client came in on, port from the
+    kernel (the reply's BND.ADDR:BND.PORT).
+
+    Raises:
+        Refused: 0x01 when the socket cannot be made (EMFILE: a reply, no crash) or bound.
+    """
+    try:
+        relay = socket.socket(
+            policy.family_of(ingress_ip), socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+        )
+    except OSError as exc:
+        raise Refused(
+            Reply.GENERAL_FAILURE, "udp_socket_failed", errno=errno_name(exc.errno)
+        ) from exc
+    try:
+        relay.bind((ingress_ip, 0))
+    except OSError as exc:
+        relay.close()
+        raise Refused(
+            Reply.GENERAL_FAILURE, "udp_bind_failed", errno=errno_name(exc.errno)
+        ) from exc
+    return relay
+
+
+class _Handler(ReadOnlyHandler):
     """Loop handler for one of the association's sockets."""
 
     __slots__ = ("assoc", "kind", "sock")
@@ -51,9 +77,6 @@ class _Handler:
             self.assoc.from_client()
         else:
             self.assoc.from_target(self.sock)
-
-    def on_writable(self) -> None:  # pragma: no cover - registered for read only
-        raise AssertionError("udp socket registered for write")
 
     def on_crash(self, exc: BaseException) -> None:
         self.assoc.crash(exc)
@@ -111,9 +134,7 @@ class UdpAssociation:
         self.bytes_up = self.bytes_down = 0
         self.dropped: dict[str, int] = {}
         self.closed = False
-        self._last = self._loop.now
-        self._idle = ctx.config.timeouts.udp_idle
-        self._timer: Timer = self._loop.call_later(self._idle, self._check_idle)
+        self._last = self._loop.now  # the idle sweep (workers.sweeps) reads it
         # The control connection: take the session's registration over (or make one).
         handler = _Handler(self, "control", control)
         if control_mask:
@@ -208,7 +229,7 @@ class UdpAssociation:
                 rule=verdict.rule,
             )
             return
-        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        family = policy.family_of(ip)
         egress = self._egress.get(family) or self._open_egress(family)
         if egress is None:
             return
@@ -223,7 +244,7 @@ class UdpAssociation:
             self._drop("egress_busy")  # UDP may drop; we never queue without bound
             return
         except OSError as exc:
-            self._drop(f"egress_{errno.errorcode.get(exc.errno or 0, 'error').lower()}")
+            self._drop(f"egress_{errno_name(exc.errno)}")
             return
         self.up += 1
         self.bytes_up += len(data)
@@ -237,13 +258,13 @@ class UdpAssociation:
         try:
             sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         except OSError as exc:  # EMFILE: this datagram is dropped, the next one retries
-            self._drop(f"socket_{errno.errorcode.get(exc.errno or 0, 'error').lower()}")
+            self._drop(f"socket_{errno_name(exc.errno)}")
             return None
         try:
             sock.bind((source, 0))
         except OSError as exc:
             sock.close()
-            self._drop(f"bind_{errno.errorcode.get(exc.errno or 0, 'error').lower()}")
+            self._drop(f"bind_{errno_name(exc.errno)}")
             return None
         ipc = ctx.pressure.ip(source)
         ipc.udp_open += 1
@@ -281,7 +302,7 @@ class UdpAssociation:
                 self._drop("client_busy")
                 continue
             except OSError as exc:
-                self._drop(f"client_{errno.errorcode.get(exc.errno or 0, 'error').lower()}")
+                self._drop(f"client_{errno_name(exc.errno)}")
                 continue
             self.down += 1
             self.bytes_down += n
@@ -300,14 +321,9 @@ class UdpAssociation:
             self.close("eof")  # the client ended the association
         # Anything else on the control connection has no meaning: discarded.
 
-    def _check_idle(self) -> None:
-        if self.closed:
-            return
-        quiet = self._loop.now - self._last
-        if quiet >= self._idle:
-            self.close("idle_timeout")
-        else:
-            self._timer = self._loop.call_later(self._idle - quiet, self._check_idle)
+    def quiet_since(self) -> float:
+        """Loop time of the last datagram either way (`timeouts.udp_idle` ends it)."""
+        return self._last
 
     def _drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -322,7 +338,6 @@ class UdpAssociation:
         if self.closed:
             return
         self.closed = True
-        self._timer.cancel()
         loop = self._loop
         for sock in (self.control, self.relay):
             loop.forget(sock.fileno())
@@ -344,14 +359,14 @@ class UdpAssociation:
         if self._claim is not None:
             self._claim.release()
             self._claim = None
-        self._log.info(
-            "tunnel_closed",
-            reply=0,
-            reason=reason,
+        tunnel_closed(
+            self._log,
+            reason,
+            self._started,
+            loop.now,
+            self.bytes_up,
+            self.bytes_down,
             datagrams_up=self.up,
             datagrams_down=self.down,
-            bytes_up=self.bytes_up,
-            bytes_down=self.bytes_down,
             dropped=self.dropped,
-            duration_ms=round((loop.now - self._started) * 1000, 1),
         )

@@ -1,0 +1,93 @@
+"""The worker's timeouts, enforced by sweeps: one timer per kind, not one per connection.
+
+Owns: the handshake and connect deadlines of sessions, the idle cut of tunnels, and
+the idle end of UDP associations; how often each is checked.
+Must not: close anything itself; it calls the member's own ending (`on_deadline()`,
+`close()`), which logs the connection's line.
+
+Why sweeps: a timer per session (created, pushed on the heap, cancelled at the
+handover) cost ~6,000 instructions a tunnel under callgrind, a timer per tunnel ~1.5 us.
+The price is a cut up to one interval late, interval = min(1 s, timeout / 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from typing import Any
+
+from workers.loop import Loop
+from workers.relay import Relay
+from workers.session import Session
+from workers.udp import UdpAssociation
+
+
+class Sweep:
+    """Every `interval` seconds, `expire(member)` for each member with
+    `overdue(member, now - age)`: older than `age` seconds, or (age 0) past its own
+    deadline."""
+
+    __slots__ = ("_loop", "_members", "_age", "_overdue", "_expire", "interval")
+
+    def __init__(
+        self,
+        loop: Loop,
+        members: Collection[Any],
+        timeouts: tuple[float, ...],
+        age: float,
+        overdue: Callable[[Any, float], bool],
+        expire: Callable[[Any], object],
+    ) -> None:
+        self._loop = loop
+        self._members = members
+        self._age = age
+        self._overdue = overdue
+        self._expire = expire
+        self.interval = min(1.0, *(t / 4 for t in timeouts))
+        loop.call_later(self.interval, self._sweep)
+
+    def _sweep(self) -> None:
+        cutoff = self._loop.now - self._age
+        overdue = self._overdue
+        for member in [m for m in self._members if overdue(m, cutoff)]:
+            self._expire(member)
+        self._loop.call_later(self.interval, self._sweep)
+
+
+def _deadline_passed(session: Session, now: float) -> bool:
+    return session.deadline <= now
+
+
+def _relay_quiet(conn: object, cutoff: float) -> bool:
+    return type(conn) is Relay and conn.quiet_since() <= cutoff
+
+
+def _association_quiet(conn: object, cutoff: float) -> bool:
+    return type(conn) is UdpAssociation and conn.quiet_since() <= cutoff
+
+
+def _cut_relay(relay: Relay) -> None:
+    relay.close("idle_timeout", abortive=True)
+
+
+def _end_association(assoc: UdpAssociation) -> None:
+    assoc.close("idle_timeout")
+
+
+def start(
+    loop: Loop,
+    *,
+    handshakes: Collection[Session],
+    open_conns: Collection[object],
+    handshake: float,
+    connect: float,
+    idle: float,
+    udp_idle: float,
+) -> tuple[Sweep, ...]:
+    """The worker's three sweeps: deadlines over `handshakes` (the sessions in their
+    handshake or connect, each with its own `deadline`); tunnel idle and UDP
+    association idle over `open_conns` (every open connection of the worker)."""
+    return (
+        Sweep(loop, handshakes, (handshake, connect), 0.0, _deadline_passed, Session.on_deadline),
+        Sweep(loop, open_conns, (idle,), idle, _relay_quiet, _cut_relay),
+        Sweep(loop, open_conns, (udp_idle,), udp_idle, _association_quiet, _end_association),
+    )
