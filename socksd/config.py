@@ -14,13 +14,15 @@ import os
 import socket
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from socksd import access
 from socksd.errors import ConfigError
 from socksd.passwords import PasswordHash, parse_hash
+
+_Numbers = TypeVar("_Numbers", "Timeouts", "StatsConfig")
 
 DEFAULT_CONFIG_TOML = """\
 # socksd's embedded default: a SOCKS5 proxy on loopback, no authentication.
@@ -238,6 +240,14 @@ class _Table:
         if value <= 0:
             raise ConfigError(f"{self.key(name)}: must be > 0, got {value!r}")
         return float(value)
+
+    def seconds(self, cls: type[_Numbers]) -> _Numbers:
+        """A whole table of positive numbers: each field of `cls` (a dataclass), in field
+        order, its default when absent; then no other key."""
+        default = cls()
+        values = {f.name: self.number(f.name, getattr(default, f.name)) for f in fields(cls)}
+        self.done()
+        return cls(**values)
 
     def done(self) -> None:
         unknown = sorted(set(self._data) - self._used)
@@ -515,16 +525,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     ):
         raise ConfigError('protocols: a non-empty list of "socks5" and "socks4"')
 
-    tt = root.table("timeouts")
-    default = Timeouts()
-    timeouts = Timeouts(
-        handshake=tt.number("handshake", default.handshake),
-        connect=tt.number("connect", default.connect),
-        idle=tt.number("idle", default.idle),
-        bind=tt.number("bind", default.bind),
-        udp_idle=tt.number("udp_idle", default.udp_idle),
-    )
-    tt.done()
+    timeouts = root.table("timeouts").seconds(Timeouts)
 
     auth = _parse_auth(root.table("auth"))
 
@@ -543,15 +544,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     egress = _parse_egress(root.table("egress"))
     shutdown_timeout = root.number("shutdown_timeout", 30.0)
 
-    st = root.table("stats")
-    sd = StatsConfig()
-    stats = StatsConfig(
-        interval=st.number("interval", sd.interval),
-        log_interval=st.number("log_interval", sd.log_interval),
-        heartbeat_timeout=st.number("heartbeat_timeout", sd.heartbeat_timeout),
-        timewait_interval=st.number("timewait_interval", sd.timewait_interval),
-    )
-    st.done()
+    stats = root.table("stats").seconds(StatsConfig)
     if stats.heartbeat_timeout < 2 * stats.interval:
         raise ConfigError("stats.heartbeat_timeout: must be at least twice stats.interval")
 

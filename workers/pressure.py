@@ -15,6 +15,7 @@ still hold their counters object, so its IP's figures stay exact.
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass, field
 from typing import Any
 
 from socksd.config import hostport
@@ -27,63 +28,43 @@ LOG_INTERVAL = 1.0  # at most one egress_exhausted line per (IP, target) per sec
 _HYSTERESIS = 0.9  # pressure must fall below threshold * this to re-arm the warning
 
 
+@dataclass(slots=True, eq=False)
 class IpCounters:
-    """Counters of one egress IP."""
+    """Counters of one egress IP (as operators see them: `socksd.stats.EgressIpStats`)."""
 
-    __slots__ = (
-        "ip",
-        "open",
-        "attempted",
-        "succeeded",
-        "failed",
-        "exhausted",
-        "retries",
-        "rescued",
-        "udp_open",
-        "window",
-        "bind_log",
-    )
-
-    def __init__(self, ip: str, window: float) -> None:
-        self.ip = ip
-        self.window = window  # seconds a quad we closed stays unusable (TIME_WAIT/reuse)
-        self.open = 0
-        self.attempted = 0
-        self.succeeded = 0
-        self.failed: dict[str, int] = {}
-        self.exhausted = 0
-        self.retries = 0
-        self.rescued = 0
-        self.udp_open = 0  # UDP association sockets bound to this IP (one port each)
-        self.bind_log: LogGate | None = None  # made at the first bind failure
+    ip: str
+    window: float  # seconds a quad we closed stays unusable (TIME_WAIT/reuse)
+    open: int = 0
+    attempted: int = 0
+    succeeded: int = 0
+    failed: dict[str, int] = field(default_factory=dict)  # errno name -> connects
+    exhausted: int = 0
+    retries: int = 0
+    rescued: int = 0
+    udp_open: int = 0  # UDP association sockets bound to this IP (one port each)
+    bind_log: LogGate | None = None  # made at the first bind failure
 
     def fail(self, errno_name: str) -> None:
         self.failed[errno_name] = self.failed.get(errno_name, 0) + 1
 
 
+@dataclass(slots=True, eq=False)
 class TargetCounters:
     """Gauges of one (egress IP, target ip:port): what limits new connects to it."""
 
-    __slots__ = (
-        "ipc",
-        "target",
-        "open",
-        "exhausted",
-        "high",
-        "exhausted_log",
-        "_width",
-        "_counts",
-        "_epochs",
-    )
+    ipc: IpCounters
+    target: str
+    open: int = 0
+    exhausted: int = 0
+    high: bool = False
+    exhausted_log: LogGate | None = None  # made at the first exhaustion
+    # Closes within the reuse window, in _BUCKETS buckets of `_width` seconds each.
+    _width: float = field(init=False)
+    _counts: list[int] = field(init=False)
+    _epochs: list[int] = field(init=False)
 
-    def __init__(self, ipc: IpCounters, target: str) -> None:
-        self.ipc = ipc
-        self.target = target
-        self.open = 0
-        self.exhausted = 0
-        self.high = False
-        self.exhausted_log: LogGate | None = None  # made at the first exhaustion
-        self._width = ipc.window / _BUCKETS
+    def __post_init__(self) -> None:
+        self._width = self.ipc.window / _BUCKETS
         self._counts = [0] * _BUCKETS
         self._epochs = [-1] * _BUCKETS
 
