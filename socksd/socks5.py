@@ -3,14 +3,22 @@
 Owns:
     The server side of the SOCKS5 wire format and handshake state machine:
     parsing the client's greeting, RFC 1929 sub-negotiation and request into
-    read-only events (slotted values), encoding the server's answers, bounding buffered input,
-    and keeping every byte the client sent after its request
-    (``trailing_data``) for the relay to forward.
+    ``socksd.codec``'s events, encoding its messages as the server's answers, SOCKS5's
+    transition table and one-step fast paths, bounding buffered input, and keeping
+    every byte the client sent after its request (``trailing_data``) for the relay to
+    forward. Also the SOCKS5 address helpers (``encode_address``, ``decode_address``,
+    ``check_domain``) and ``choose_method``.
 
 Must not:
     Import socket, time, logging or anything else that does I/O; decide
     policy (which method, whether credentials are good, which reply code);
-    resolve names.
+    resolve names; define protocol-neutral names (events, messages, states, errors
+    and RFC 1928's enums are ``socksd.codec``'s, re-exported here so
+    ``from socksd.socks5 import Reply`` keeps working).
+
+``Socks5ServerConnection`` satisfies ``socksd.codec.ServerCodec``, whose docstrings
+give the contract a session relies on and what ``ProtocolError`` and
+``LocalProtocolError`` mean.
 
 Shape (like h11)::
 
@@ -27,9 +35,33 @@ to ``RELAYING``; the caller then takes ``trailing_data`` and drops the codec.
 
 import ipaddress
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from enum import Enum, IntEnum, auto
-from typing import Final, Literal, NoReturn, TypeAlias
+from typing import TYPE_CHECKING, Final, Literal, NoReturn, TypeAlias
+
+# The shared vocabulary, re-exported: `from socksd.socks5 import Reply, ...` keeps working.
+from socksd.codec import (
+    NEED_DATA,
+    AddressType,
+    AuthStatus,
+    Command,
+    CommandReply,
+    CommandRequest,
+    ConnectionClosed,
+    Event,
+    Greeting,
+    LocalProtocolError,
+    Method,
+    MethodSelection,
+    NeedData,
+    ProtocolError,
+    Reply,
+    ServerMessage,
+    State,
+    TransitionTable,
+    UserPassAuth,
+)
+
+if TYPE_CHECKING:
+    from socksd.codec import ServerCodec
 
 __all__ = [
     "NEED_DATA",
@@ -60,81 +92,6 @@ __all__ = [
 SOCKS_VERSION: Final = 0x05  # RFC 1928 §3: VER is X'05' in every message.
 AUTH_VERSION: Final = 0x01  # RFC 1929 §2: sub-negotiation VER is X'01'.
 
-
-class Method(IntEnum):
-    """Authentication methods (RFC 1928 §3)."""
-
-    NO_AUTH = 0x00
-    GSSAPI = 0x01
-    USERNAME_PASSWORD = 0x02
-    NO_ACCEPTABLE = 0xFF
-
-
-class Command(IntEnum):
-    """Request commands, the CMD field (RFC 1928 §4)."""
-
-    CONNECT = 0x01
-    BIND = 0x02
-    UDP_ASSOCIATE = 0x03
-
-
-class AddressType(IntEnum):
-    """Address types, the ATYP field (RFC 1928 §5)."""
-
-    IPV4 = 0x01
-    DOMAINNAME = 0x03
-    IPV6 = 0x04
-
-
-class Reply(IntEnum):
-    """Reply codes, the REP field (RFC 1928 §6)."""
-
-    SUCCEEDED = 0x00
-    GENERAL_FAILURE = 0x01
-    NOT_ALLOWED = 0x02
-    NETWORK_UNREACHABLE = 0x03
-    HOST_UNREACHABLE = 0x04
-    CONNECTION_REFUSED = 0x05
-    TTL_EXPIRED = 0x06
-    COMMAND_NOT_SUPPORTED = 0x07
-    ADDRESS_TYPE_NOT_SUPPORTED = 0x08
-
-
-class State(Enum):
-    """Where the handshake stands.
-
-    ``SEND_*`` states wait for the server's ``send()``; ``GREETING``,
-    ``AUTH`` and ``REQUEST`` wait for client input. ``RELAYING``, ``CLOSED``
-    and ``ERROR`` are terminal for the codec.
-    """
-
-    # Members are singletons compared by identity: identity hashing is correct, and
-    # Enum's default (hash of the name, in Python) showed up in the per-tunnel profile.
-    __hash__ = object.__hash__
-
-    GREETING = auto()
-    SEND_METHOD = auto()
-    AUTH = auto()
-    SEND_AUTH_STATUS = auto()
-    REQUEST = auto()
-    SEND_REPLY = auto()
-    RELAYING = auto()
-    CLOSED = auto()
-    ERROR = auto()
-
-
-class NeedData(Enum):
-    """Type of the ``NEED_DATA`` sentinel (an enum so mypy can narrow on it)."""
-
-    NEED_DATA = auto()
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA: Final = NeedData.NEED_DATA
-"""Returned by ``next_event()`` when no event can be produced yet."""
-
 # Members used on the per-connection path, as module globals: in Python 3.11 every
 # `State.X` goes through EnumType.__getattr__'s lookup hook (~70 ns, which the
 # interpreter cannot specialise); a global is ~7 ns.
@@ -147,125 +104,6 @@ _CLOSED: Final = State.CLOSED
 _IPV4: Final = AddressType.IPV4
 _DOMAINNAME: Final = AddressType.DOMAINNAME
 _SUCCEEDED: Final = Reply.SUCCEEDED
-
-
-# --- events (client -> server) --------------------------------------------
-
-# Events and messages are slotted dataclasses, read-only by convention but not
-# frozen: a frozen one is built through object.__setattr__ per field, ~5,000 more
-# instructions each in CPython 3.11 (callgrind), and a tunnel builds three.
-
-
-@dataclass(slots=True)
-class Greeting:
-    """Version identifier/method selection message (RFC 1928 §3).
-
-    Attributes:
-        methods: METHODS as offered, in the client's order; may hold values
-            with no ``Method`` member, and may be empty.
-    """
-
-    methods: tuple[int, ...]
-
-
-@dataclass(slots=True)
-class UserPassAuth:
-    """Username/password request (RFC 1929 §2); either field may be empty."""
-
-    username: bytes
-    password: bytes
-
-
-@dataclass(slots=True)
-class CommandRequest:
-    """SOCKS request (RFC 1928 §4).
-
-    Attributes:
-        command: CMD.
-        address_type: ATYP as sent.
-        host: Dotted IPv4, compressed IPv6 text, or the domain name as sent
-            (printable ASCII, not resolved, not normalised).
-        port: DST.PORT, 0-65535 (0 is passed through; policy decides).
-    """
-
-    command: Command
-    address_type: AddressType
-    host: str
-    port: int
-
-
-@dataclass(slots=True)
-class ConnectionClosed:
-    """EOF was received and no complete message was pending."""
-
-
-Event: TypeAlias = Greeting | UserPassAuth | CommandRequest | ConnectionClosed
-
-
-# --- messages (server -> client) -------------------------------------------
-
-
-@dataclass(slots=True)
-class MethodSelection:
-    """METHOD selection (RFC 1928 §3): ``NO_AUTH``, ``USERNAME_PASSWORD``
-    (either only if offered) or ``NO_ACCEPTABLE``."""
-
-    method: int
-
-
-@dataclass(slots=True)
-class AuthStatus:
-    """Username/password status (RFC 1929 §2)."""
-
-    ok: bool
-
-
-@dataclass(slots=True)
-class CommandReply:
-    """Reply to a request (RFC 1928 §6).
-
-    Attributes:
-        reply: REP.
-        address: BND.ADDR: IPv4 or IPv6 text (ATYP 1 or 4), a domain name
-            (ATYP 3), or None for 0.0.0.0.
-        port: BND.PORT.
-    """
-
-    reply: Reply
-    address: str | None = None
-    port: int = 0
-    interim: bool = False  # BIND's first reply: the final one follows (RFC 1928 section 4)
-
-
-ServerMessage: TypeAlias = MethodSelection | AuthStatus | CommandReply
-
-
-# --- errors -----------------------------------------------------------------
-
-
-class ProtocolError(Exception):
-    """The client broke RFC 1928/1929 (or overran the buffer).
-
-    Send ``reply`` (if any), then close the connection; the codec stays in
-    ``State.ERROR``.
-
-    Attributes:
-        reason: snake_case cause, e.g. ``"bad_version"``.
-        reply: Exact bytes to send before closing; may be empty.
-    """
-
-    def __init__(self, reason: str, reply: bytes = b"") -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.reply = reply
-
-    def __repr__(self) -> str:
-        return f"ProtocolError(reason={self.reason!r}, reply={self.reply!r})"
-
-
-class LocalProtocolError(Exception):
-    """The caller misused the codec: a send in the wrong state, an illegal
-    message, ``next_event()`` after the handshake, or data after EOF."""
 
 
 # --- encoding ---------------------------------------------------------------
@@ -482,7 +320,7 @@ _LIVE: Final = frozenset(_READERS) | _AWAITING_SEND
 # The transition table. CLOSED is reached by EOF from reading states, by a
 # refusing send() from SEND_* states; ERROR by a ProtocolError, including a
 # buffer overflow (hence from SEND_* and RELAYING too).
-_TRANSITIONS: Final[Mapping[State, frozenset[State]]] = {
+_TRANSITIONS: Final[TransitionTable] = {
     State.GREETING: frozenset({State.SEND_METHOD, State.CLOSED, State.ERROR}),
     State.SEND_METHOD: frozenset({State.AUTH, State.REQUEST, State.CLOSED, State.ERROR}),
     State.AUTH: frozenset({State.SEND_AUTH_STATUS, State.CLOSED, State.ERROR}),
@@ -802,3 +640,7 @@ class Socks5ServerConnection:
         if self._error is not None:
             # A fresh instance: re-raising one object grows its traceback.
             raise ProtocolError(self._error.reason, self._error.reply)
+
+
+if TYPE_CHECKING:  # mypy proves the session can drive this codec through the interface
+    _SERVER_CODEC: type[ServerCodec] = Socks5ServerConnection

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from socksd.socks5 import AddressType, ProtocolError, decode_address, encode_address
+from socksd.codec import AddressType, ProtocolError
+from socksd.socks5 import decode_address, encode_address
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +46,8 @@ def parse_udp_datagram(datagram: bytes | bytearray | memoryview) -> UdpDatagram:
 
     Raises:
         ProtocolError: truncated header, non-zero RSV, unknown ATYP or a bad
-            domain name (reason names which); the caller drops the datagram.
+            domain name (reason names which); the caller drops the datagram
+            (see `socksd.codec` for what the error means).
     """
     view = memoryview(datagram)
     size = len(view)
