@@ -167,6 +167,10 @@ _NO_ACCEPTABLE: Final = bytes([SOCKS_VERSION, Method.NO_ACCEPTABLE])
 _AUTH_FAILURE: Final = bytes([AUTH_VERSION, 0x01])
 _AUTH_SUCCESS: Final = bytes([AUTH_VERSION, 0x00])
 _GENERAL_FAILURE: Final = _encode_reply(Reply.GENERAL_FAILURE)
+# The failure replies a request the parser refuses is owed (RFC 1928 §6).
+_COMMAND_NOT_SUPPORTED: Final = _encode_reply(Reply.COMMAND_NOT_SUPPORTED)
+_ADDRESS_TYPE_NOT_SUPPORTED: Final = _encode_reply(Reply.ADDRESS_TYPE_NOT_SUPPORTED)
+_HOST_UNREACHABLE: Final = _encode_reply(Reply.HOST_UNREACHABLE)
 
 # Reply owed to the client if its input overruns the buffer in each state:
 # the failure answer to the message being read or awaiting our answer.
@@ -277,15 +281,13 @@ def _parse_request(buf: bytes | bytearray) -> tuple[Event, int] | None:
         return None
     command = _COMMANDS.get(buf[1])
     if command is None:
-        reply = _encode_reply(Reply.COMMAND_NOT_SUPPORTED)
-        raise ProtocolError("unknown_command", reply)
+        raise ProtocolError("unknown_command", _COMMAND_NOT_SUPPORTED)
     if size < 4:
         return None
     # buf[2] is RSV: RFC 1928 only calls it reserved, so it is ignored.
     atyp = _ADDRESS_TYPES.get(buf[3])
     if atyp is None:
-        reply = _encode_reply(Reply.ADDRESS_TYPE_NOT_SUPPORTED)
-        raise ProtocolError("unknown_address_type", reply)
+        raise ProtocolError("unknown_address_type", _ADDRESS_TYPE_NOT_SUPPORTED)
     if atyp is _DOMAINNAME:
         # RFC 1928 §5: one length octet, then the name, no terminating NUL.
         if size < 5:
@@ -297,8 +299,7 @@ def _parse_request(buf: bytes | bytearray) -> tuple[Event, int] | None:
         return None
     host = decode_address(atyp, bytes(buf[addr_start:addr_end]))
     if host is None:
-        reply = _encode_reply(Reply.HOST_UNREACHABLE)
-        raise ProtocolError("bad_domain_name", reply)
+        raise ProtocolError("bad_domain_name", _HOST_UNREACHABLE)
     end = addr_end + 2
     if size < end:
         return None

@@ -11,8 +11,8 @@ Must not: reply, log the connection's line or touch sockets: it answers, and rai
 from __future__ import annotations
 
 from socksd import access
+from socksd.codec import Reply
 from socksd.config import UserAccess
-from socksd.socks5 import Reply
 from workers.context import WorkerContext
 from workers.events import Refused
 from workers.limits import Claim

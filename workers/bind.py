@@ -18,8 +18,8 @@ import socket
 from typing import Any, Protocol
 
 from socksd import policy
+from socksd.codec import AddressType, CommandRequest, Reply
 from socksd.handlers import ReadOnlyHandler
-from socksd.socks5 import AddressType, CommandRequest, Reply
 from workers.context import WorkerContext
 from workers.events import Refused, errno_name
 from workers.loop import EVENT_READ

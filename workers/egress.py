@@ -18,8 +18,8 @@ import socket
 import struct
 from typing import Any, Protocol
 
+from socksd.codec import Reply
 from socksd.handlers import WriteOnlyHandler
-from socksd.socks5 import Reply
 from workers.events import errno_name
 from workers.loop import EVENT_WRITE, Loop, Timer
 from workers.pressure import PortPressure, TargetCounters

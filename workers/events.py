@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from socksd.socks5 import Reply
+from socksd.codec import Reply
 
 # Seconds between two lines of one rate-limited warning, unless its module says otherwise.
 LOG_INTERVAL = 10.0

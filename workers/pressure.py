@@ -141,16 +141,22 @@ class PortPressure:
             tc.high = True
             self._log.warning(
                 "egress_pressure_high",
-                egress_ip=tc.ipc.ip,
-                target=tc.target,
-                open=tc.open,
-                recent_closes=tc.recent_closes(now),
-                ephemeral_ports=self.ports,
+                **self._where(tc, now),
                 pressure=round(level, 4),
                 threshold=self._threshold,
             )
         elif tc.high and level < self._threshold * _HYSTERESIS:
             tc.high = False
+
+    def _where(self, tc: TargetCounters, now: float) -> dict[str, Any]:
+        """The fields that place a pressure event: which pair, and how full it is."""
+        return {
+            "egress_ip": tc.ipc.ip,
+            "target": tc.target,
+            "open": tc.open,
+            "recent_closes": tc.recent_closes(now),
+            "ephemeral_ports": self.ports,
+        }
 
     def exhausted(self, tc: TargetCounters, now: float, attempts: int) -> None:
         """No 4-tuple was free for (IP, target), retries included: the tunnel is refused."""
@@ -164,11 +170,7 @@ class PortPressure:
             return
         self._log.warning(
             "egress_exhausted",
-            egress_ip=tc.ipc.ip,
-            target=tc.target,
-            open=tc.open,
-            recent_closes=tc.recent_closes(now),
-            ephemeral_ports=self.ports,
+            **self._where(tc, now),
             attempts=attempts,
             exhausted_total=tc.exhausted,
             suppressed=suppressed,

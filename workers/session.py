@@ -35,9 +35,7 @@ from enum import Enum, auto
 from typing import Any
 
 from socksd import access, policy
-from socksd.config import hostport
-from socksd.socks4 import Socks4ServerConnection
-from socksd.socks5 import (
+from socksd.codec import (
     NEED_DATA,
     AddressType,
     AuthStatus,
@@ -51,10 +49,12 @@ from socksd.socks5 import (
     NeedData,
     ProtocolError,
     Reply,
-    Socks5ServerConnection,
+    ServerCodec,
     UserPassAuth,
-    choose_method,
 )
+from socksd.config import hostport
+from socksd.socks4 import Socks4ServerConnection
+from socksd.socks5 import Socks5ServerConnection, choose_method
 from workers import admission, bind, egress, udp
 from workers.bind import BindWaiter
 from workers.context import WorkerContext
@@ -79,12 +79,11 @@ _SELECTIONS: dict[int, MethodSelection] = {m: MethodSelection(m) for m in Method
 # Enum.name is a Python-level property: one dict lookup instead, per request.
 _COMMAND_NAMES = {c: c.name.lower() for c in Command}
 
-Codec = Socks5ServerConnection | Socks4ServerConnection
 # The front doors other than SOCKS5, by the first byte their clients send (SOCKS4's
 # VN); each is served when `protocols` names it. SOCKS5's codec is made with every
 # session (the usual case); a first byte with no door here goes to it, which names
-# the error.
-_FRONT_DOORS: dict[int, tuple[str, Callable[[int], Codec]]] = {
+# the error. A door is a name and a codec (`socksd.codec.ServerCodec`).
+_FRONT_DOORS: dict[int, tuple[str, Callable[[int], ServerCodec]]] = {
     4: ("socks4", Socks4ServerConnection),
 }
 
@@ -185,7 +184,7 @@ class Session:
         loop = self._loop = ctx.loop
         self.client = client
         self._fd = client.fileno()
-        self._codec: Codec = Socks5ServerConnection(HANDSHAKE_BUFFER)
+        self._codec: ServerCodec = Socks5ServerConnection(HANDSHAKE_BUFFER)
         self._protocol = "socks5"
         self.phase = _HANDSHAKE
         self._out = b""
@@ -266,8 +265,9 @@ class Session:
                 if not self._pick_front_door(data[0]):
                     return
             elif self._ctx.authenticator is None:
-                # The usual greeting (05 01 00) and its answer in one codec step.
-                answer = self._codec.accept_no_auth(data)  # type: ignore[union-attr]
+                # The usual greeting (05 01 00) and its answer in one codec step (a
+                # SOCKS5 codec's own fast path: the first byte was 5).
+                answer = self._codec.accept_no_auth(data)  # type: ignore[attr-defined]
                 if answer is not None:
                     if not self._write(answer):
                         self._client_gone()
@@ -391,7 +391,7 @@ class Session:
         )
         try:
             if self._protocol == "socks4":
-                userid = self._codec.userid  # type: ignore[union-attr]
+                userid = self._codec.userid  # type: ignore[attr-defined]  # SOCKS4's own
                 user = admission.identify_socks4(ctx, userid)
                 if user is not None:
                     self._user = user

@@ -19,9 +19,9 @@ import socket
 from typing import Any
 
 from socksd import access, policy
+from socksd.codec import AddressType, ProtocolError, Reply
 from socksd.config import hostport
 from socksd.handlers import ReadOnlyHandler
-from socksd.socks5 import AddressType, ProtocolError, Reply
 from socksd.socks5_udp import encode_udp_header, parse_udp_datagram
 from workers.context import WorkerContext
 from workers.events import Refused, errno_name, tunnel_closed
