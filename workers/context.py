@@ -14,11 +14,11 @@ from socksd.access import ClientPolicy, DestinationPolicy
 from socksd.config import Config
 from socksd.policy import EgressPolicy
 from workers.authenticator import Authenticator
+from workers.counters import WorkerCounters
 from workers.limits import Limits
 from workers.loop import Loop
 from workers.pipes import PipePool
 from workers.pressure import PortPressure
-from workers.reporter import WorkerCounters
 from workers.resolver import Resolver
 
 RELAY_BUFFER = 64 * 1024

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from socksd.config import Config, UserAccess
-from workers.reporter import WorkerCounters
+from workers.counters import WorkerCounters
 
 _NO_USER = UserAccess()
 _LOG_INTERVAL = 10.0  # seconds between `limit_reached` lines per limit

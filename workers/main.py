@@ -26,11 +26,12 @@ from socksd.signals import SignalPipe
 from workers.acceptor import Acceptor
 from workers.authenticator import Authenticator
 from workers.context import WorkerContext
+from workers.counters import WorkerCounters
 from workers.limits import Limits
 from workers.loop import EVENT_READ, Loop
 from workers.pressure import PortPressure
 from workers.relay import IdleSweep
-from workers.reporter import Reporter, WorkerCounters
+from workers.reporter import Reporter
 from workers.resolver import Resolver
 from workers.session import DeadlineSweep
 

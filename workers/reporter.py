@@ -1,8 +1,7 @@
 """What a worker tells the supervisor: counters, gauges and egress figures, on a timer.
 
-Owns: the worker's counters (`WorkerCounters`, bumped by acceptor, session and relay),
-the timed flush of stats lines to the supervisor's pipe, hello/bye, and noticing
-that the supervisor is gone.
+Owns: the timed flush of stats lines to the supervisor's pipe, hello/bye, and noticing
+that the supervisor is gone. The counters it sends are `workers.counters`'.
 Must not: block. The pipe is non-blocking; a full pipe drops the line and counts it.
 
 Counters are totals since the worker started (not deltas), so a dropped line loses
@@ -20,56 +19,9 @@ from typing import Any
 import orjson
 
 from socksd.stats import PIPE_LINE_MAX, encode_egress_lines
+from workers.counters import WorkerCounters
 from workers.loop import Loop, Timer
 from workers.pressure import PortPressure
-
-
-class WorkerCounters:
-    """Totals since the worker started; gauges are derived at report time."""
-
-    __slots__ = (
-        "accepted",
-        "tunnels_opened",
-        "tunnels_closed",
-        "bytes_up",
-        "bytes_down",
-        "handshake_failures",
-        "refused",
-        "udp_datagrams_up",
-        "udp_datagrams_down",
-        "udp_bytes_up",
-        "udp_bytes_down",
-        "udp_dropped",
-        "replies",
-        "open_tunnels",
-        "dropped_lines",
-    )
-
-    def __init__(self) -> None:
-        self.accepted = 0
-        self.tunnels_opened = 0
-        self.tunnels_closed = 0
-        self.bytes_up = 0
-        self.bytes_down = 0
-        self.handshake_failures: dict[str, int] = {}
-        self.refused: dict[str, int] = {}  # by access rule or limit: reason -> count
-        self.udp_datagrams_up = 0
-        self.udp_datagrams_down = 0
-        self.udp_bytes_up = 0
-        self.udp_bytes_down = 0
-        self.udp_dropped: dict[str, int] = {}  # reason -> datagrams
-        self.replies: dict[int, int] = {}
-        self.open_tunnels = 0
-        self.dropped_lines = 0
-
-    def handshake_failed(self, reason: str) -> None:
-        self.handshake_failures[reason] = self.handshake_failures.get(reason, 0) + 1
-
-    def refuse(self, reason: str) -> None:
-        self.refused[reason] = self.refused.get(reason, 0) + 1
-
-    def replied(self, code: int) -> None:
-        self.replies[code] = self.replies.get(code, 0) + 1
 
 
 class Reporter:
