@@ -97,6 +97,9 @@ class Worker:
             generation,
             config.stats.interval,
             self._orphaned,
+            # Without it the reporter falls back to getppid() at its construction and
+            # never notices a supervisor that died before that.
+            supervisor_pid=supervisor_pid,
         )
         self.signals = SignalPipe(_HANDLED, self.on_signal)
         self.signals.install()
