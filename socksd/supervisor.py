@@ -1,9 +1,10 @@
 """The supervisor: one worker process per slot on shared SO_REUSEPORT listeners.
 
 Owns: listeners (opened before any fork, kept open so no accept queue is ever reset),
-forking and replacing workers, generations on reload, signals, stats aggregation,
-the control socket, systemd notifications.
-Must not: know SOCKS. The worker's entry point is injected by `socksd.cli`.
+forking and replacing workers, generations on reload, signals, reading the workers'
+stats pipes, the control socket, systemd notifications.
+Must not: know SOCKS, or what a stats line holds and how figures are summed
+(socksd.stats does). The worker's entry point is injected by `socksd.cli`.
 
 Signals wake this process's own selector loop (the handlers do nothing): TERM/INT
 drain and exit 0, QUIT stops at once, HUP reloads, CHLD reaps, USR1 makes every
@@ -24,10 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import setproctitle
 
-from socksd import logs, metrics, notify
+from socksd import logs, metrics, notify, stats
 from socksd.config import Config, ListenAddress
 from socksd.control import (
     Endpoint,
@@ -40,7 +40,7 @@ from socksd.errors import EXIT_BOOT, EXIT_OK, SocksdError
 from socksd.kernel import check, read_kernel_settings
 from socksd.listeners import close_all, describe, grow_slots, open_slot_listeners
 from socksd.signals import SignalPipe
-from socksd.stats import WorkerView, add_counters, aggregate_egress
+from socksd.stats import Aggregate, SupervisorFacts, WorkerView, add_counters
 from socksd.timewait import TimeWaitSample, sample_time_wait
 
 WorkerEntry = Callable[[Config, list[socket.socket], int, int, int, int], int]
@@ -63,8 +63,7 @@ class Proc:
     """One worker process as the supervisor sees it."""
 
     view: WorkerView
-    pipe: int
-    buf: bytes = b""
+    pipe: int  # the read end of its stats pipe; -1 once closed
     term_at: float | None = None  # when we sent SIGTERM
     kill_after: float = 0.0
 
@@ -262,22 +261,22 @@ class Supervisor:
         notify.unset_environment()
 
     def read_stats(self, proc: Proc) -> None:
+        """Read what `proc` wrote to its stats pipe; at EOF close the pipe."""
         try:
             data = os.read(proc.pipe, 65536)
         except BlockingIOError:
             return
         if not data:
-            self.sel.unregister(proc.pipe)
-            os.close(proc.pipe)
-            proc.pipe = -1
+            self._close_pipe(proc)
             return
-        *lines, proc.buf = (proc.buf + data).split(b"\n")
-        now = time.monotonic()
-        for line in lines:
-            try:
-                proc.view.feed(orjson.loads(line), now)
-            except (orjson.JSONDecodeError, TypeError, KeyError) as exc:
-                self.log.warning("stats_line_invalid", worker=proc.view.slot, error=str(exc))
+        for error in proc.view.feed_bytes(data, time.monotonic()):
+            self.log.warning("stats_line_invalid", worker=proc.view.slot, error=error)
+
+    def _close_pipe(self, proc: Proc) -> None:
+        """Stop watching `proc`'s stats pipe and close it."""
+        self.sel.unregister(proc.pipe)
+        os.close(proc.pipe)
+        proc.pipe = -1
 
     def reap(self) -> None:
         while True:
@@ -293,8 +292,7 @@ class Supervisor:
             if proc.pipe >= 0:
                 self.read_stats(proc)  # the bye line, if it is still in the pipe
                 if proc.pipe >= 0:
-                    self.sel.unregister(proc.pipe)
-                    os.close(proc.pipe)
+                    self._close_pipe(proc)
             add_counters(self.retired, proc.view.counters)
             code = os.waitstatus_to_exitcode(status)
             view = proc.view
@@ -404,64 +402,22 @@ class Supervisor:
     def _views(self) -> list[WorkerView]:
         return [p.view for p in self.procs.values()]
 
-    def aggregate(self) -> dict[str, Any]:
-        now = time.monotonic()
-        views = self._views()
-        counters: dict[str, Any] = {}
-        add_counters(counters, self.retired)
-        gauges: dict[str, Any] = {}
-        workers = []
-        for v in sorted(views, key=lambda v: (v.gen, v.slot)):
-            add_counters(counters, v.counters)
-            add_counters(gauges, v.gauges)
-            workers.append(
-                {
-                    "slot": v.slot,
-                    "gen": v.gen,
-                    "pid": v.pid,
-                    "alive": True,
-                    "last_seen_s": round(now - v.last_seen, 2),
-                    "restarts": self.slots[v.slot].failures if v.slot < len(self.slots) else 0,
-                    "counters": v.counters,
-                    "gauges": v.gauges,
-                }
-            )
-        for slot in self.slots:
-            if slot.proc is None:  # dead or waiting for its respawn
-                workers.append(
-                    {
-                        "slot": slot.index,
-                        "gen": self.gen,
-                        "pid": None,
-                        "alive": False,
-                        "last_seen_s": None,
-                        "restarts": slot.failures,
-                        "counters": {},
-                        "gauges": {},
-                    }
-                )
-        egress = aggregate_egress(views)
-        ports = egress["ephemeral_ports"]
-        egress["time_wait"] = {
-            "total": self.time_wait.total,
-            "truncated": self.time_wait.truncated,
-            "by_pair": [
-                {"egress_ip": ip, "target": t, "count": n, "pressure": round(n / ports, 4)}
-                for ip, t, n in self.time_wait.by_pair
-            ],
-        }
-        return {
-            "supervisor": {
-                "pid": os.getpid(),
-                "generation": self.gen,
-                "workers_wanted": len(self.slots),
-                "uptime_s": round(now - self.started, 1),
-                "config": self.config.source,
-            },
-            "total": {"counters": counters, "gauges": gauges},
-            "workers": workers,
-            "egress": egress,
-        }
+    def aggregate(self) -> Aggregate:
+        """The figures served by the control socket and `/metrics`, and logged as `stats`."""
+        return stats.aggregate(
+            self._views(),
+            retired=self.retired,
+            facts=SupervisorFacts(
+                pid=self._pid,
+                generation=self.gen,
+                started=self.started,
+                config=self.config.source,
+                restarts=tuple(slot.failures for slot in self.slots),
+                vacant=tuple(slot.index for slot in self.slots if slot.proc is None),
+            ),
+            time_wait=self.time_wait,
+            now=time.monotonic(),
+        )
 
     # -- main loop ------------------------------------------------------------------------
 

@@ -88,17 +88,15 @@ class Worker:
         timeouts = config.timeouts
         DeadlineSweep(loop, self.ctx.handshakes, (timeouts.handshake, timeouts.connect))
         self.reporter = Reporter(
-            loop,
-            stats_fd,
-            self.ctx.counters,
-            self.pressure,
-            self.ctx.open,
-            slot,
-            generation,
-            config.stats.interval,
-            self._orphaned,
-            # Without it the reporter falls back to getppid() at its construction and
-            # never notices a supervisor that died before that.
+            loop=loop,
+            fd=stats_fd,
+            counters=self.ctx.counters,
+            pressure=self.pressure,
+            open_conns=self.ctx.open,
+            slot=slot,
+            generation=generation,
+            interval=config.stats.interval,
+            on_orphaned=self._orphaned,
             supervisor_pid=supervisor_pid,
         )
         self.signals = SignalPipe(_HANDLED, self.on_signal)
