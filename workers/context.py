@@ -28,8 +28,11 @@ class Closable(Protocol):
     def close(self, reason: str, abortive: bool = False) -> None: ...
 
 
-@dataclass(slots=True, eq=False)
+# kw_only: eleven fields, several of the same type; built once per process, by name.
+@dataclass(slots=True, eq=False, kw_only=True)
 class WorkerContext:
+    """The objects every session of this worker shares, built once by `workers.main`."""
+
     loop: Loop
     config: Config
     resolver: Resolver
