@@ -14,7 +14,7 @@ import selectors
 import socket
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -184,7 +184,7 @@ def open_metrics_socket(address: ListenAddress) -> socket.socket:
     return sock
 
 
-def control_responder(aggregate: Callable[[], dict[str, Any]]) -> Responder:
+def control_responder(aggregate: Callable[[], Mapping[str, Any]]) -> Responder:
     def respond(request: bytes) -> bytes | None:
         if b"\n" not in request:
             return None

@@ -1,13 +1,18 @@
 """The supervisor: one worker process per slot on shared SO_REUSEPORT listeners.
 
 Owns: listeners (opened before any fork, kept open so no accept queue is ever reset),
-forking and replacing workers, generations on reload, signals, stats aggregation,
-the control socket, systemd notifications.
-Must not: know SOCKS. The worker's entry point is injected by `socksd.cli`.
+forking and replacing workers, generations on reload, signals, reading the workers'
+stats pipes, the control socket, systemd notifications.
+Must not: know SOCKS, or what a stats line holds and how figures are summed
+(socksd.stats does). The worker's entry point is injected by `socksd.cli`.
 
 Signals wake this process's own selector loop (the handlers do nothing): TERM/INT
 drain and exit 0, QUIT stops at once, HUP reloads, CHLD reaps, USR1 makes every
 worker log its `egress_stats`.
+
+The loop (`run()`): wait up to 0.25 s for a signal, a stats line or a control
+request; reap exited workers; then `tick()`, one pass of named steps, each of which
+checks its own due time.
 """
 
 from __future__ import annotations
@@ -24,10 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import setproctitle
 
-from socksd import logs, metrics, notify
+from socksd import logs, metrics, notify, stats
 from socksd.config import Config, ListenAddress
 from socksd.control import (
     Endpoint,
@@ -40,7 +44,7 @@ from socksd.errors import EXIT_BOOT, EXIT_OK, SocksdError
 from socksd.kernel import check, read_kernel_settings
 from socksd.listeners import close_all, describe, grow_slots, open_slot_listeners
 from socksd.signals import SignalPipe
-from socksd.stats import WorkerView, add_counters, aggregate_egress
+from socksd.stats import Aggregate, SupervisorFacts, WorkerView, add_counters
 from socksd.timewait import TimeWaitSample, sample_time_wait
 
 WorkerEntry = Callable[[Config, list[socket.socket], int, int, int, int], int]
@@ -63,22 +67,25 @@ class Proc:
     """One worker process as the supervisor sees it."""
 
     view: WorkerView
-    pipe: int
-    buf: bytes = b""
+    pipe: int  # the read end of its stats pipe; -1 once closed
     term_at: float | None = None  # when we sent SIGTERM
     kill_after: float = 0.0
 
 
 @dataclass
 class Slot:
+    """A place for one worker of the current generation (its listening sockets' index)."""
+
     index: int
     proc: Proc | None = None
-    failures: int = 0
-    spawn_at: float | None = 0.0
+    failures: int = 0  # quick deaths in a row; a worker that lived 10 s resets it
+    spawn_at: float | None = 0.0  # when to (re)spawn; None: a worker is running
 
 
 @dataclass(eq=False)
 class _Pipe:
+    """Readiness handler of one worker's stats pipe in the supervisor's selector."""
+
     proc: Proc
     sup: Supervisor = field(repr=False)
 
@@ -87,7 +94,19 @@ class _Pipe:
 
 
 class Supervisor:
+    """The parent process: keeps one worker per slot alive and answers for all of them."""
+
     def __init__(self, config: Config, load: Loader, entry: WorkerEntry) -> None:
+        """Open the listeners and the control endpoints; no worker runs before `run()`.
+
+        Args:
+            config: the validated configuration.
+            load: reads and validates the configuration again (on HUP).
+            entry: a worker's main, called in the forked child.
+
+        Raises:
+            SocksdError: a listen, control or metrics address cannot be opened.
+        """
         self.config = config
         self._load = load
         self._entry = entry
@@ -124,6 +143,7 @@ class Supervisor:
     # -- signals ------------------------------------------------------------------------
 
     def on_signal(self, signum: int) -> None:
+        """Act on a signal, in the loop (the handler itself only wrote a byte)."""
         if signum in (signal.SIGTERM, signal.SIGINT):
             self.stop(graceful=True)
         elif signum == signal.SIGQUIT:
@@ -135,6 +155,7 @@ class Supervisor:
                 os.kill(proc.view.pid, signal.SIGUSR1)
 
     def stop(self, graceful: bool) -> None:
+        """Close the listeners and stop every worker: drain (graceful) or at once."""
         if self.stopping is not None and graceful:
             return
         timeout = self.config.shutdown_timeout if graceful else 0.0
@@ -174,7 +195,8 @@ class Supervisor:
         self.config, self.gen = new, self.gen + 1
         self.slots = [Slot(i) for i in range(new.worker_count)]
         self.ready_sent = False
-        # The old generation keeps serving until every new worker is ready (tick()).
+        # The old generation keeps serving until every new worker is ready
+        # (_promote_when_ready()).
         self.retiring += old
         self.log.info(
             "reloaded",
@@ -211,6 +233,7 @@ class Supervisor:
     # -- workers ------------------------------------------------------------------------
 
     def spawn(self, slot: Slot) -> None:
+        """Fork a worker of the current generation into `slot`, with its stats pipe."""
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: become a worker, never return
@@ -262,24 +285,25 @@ class Supervisor:
         notify.unset_environment()
 
     def read_stats(self, proc: Proc) -> None:
+        """Read what `proc` wrote to its stats pipe; at EOF close the pipe."""
         try:
             data = os.read(proc.pipe, 65536)
         except BlockingIOError:
             return
         if not data:
-            self.sel.unregister(proc.pipe)
-            os.close(proc.pipe)
-            proc.pipe = -1
+            self._close_pipe(proc)
             return
-        *lines, proc.buf = (proc.buf + data).split(b"\n")
-        now = time.monotonic()
-        for line in lines:
-            try:
-                proc.view.feed(orjson.loads(line), now)
-            except (orjson.JSONDecodeError, TypeError, KeyError) as exc:
-                self.log.warning("stats_line_invalid", worker=proc.view.slot, error=str(exc))
+        for error in proc.view.feed_bytes(data, time.monotonic()):
+            self.log.warning("stats_line_invalid", worker=proc.view.slot, error=error)
+
+    def _close_pipe(self, proc: Proc) -> None:
+        """Stop watching `proc`'s stats pipe and close it."""
+        self.sel.unregister(proc.pipe)
+        os.close(proc.pipe)
+        proc.pipe = -1
 
     def reap(self) -> None:
+        """Collect every exited worker (until none is left, or one failed to boot)."""
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -290,44 +314,61 @@ class Supervisor:
             proc = self.procs.pop(pid, None)
             if proc is None:
                 continue
-            if proc.pipe >= 0:
-                self.read_stats(proc)  # the bye line, if it is still in the pipe
-                if proc.pipe >= 0:
-                    self.sel.unregister(proc.pipe)
-                    os.close(proc.pipe)
-            add_counters(self.retired, proc.view.counters)
-            code = os.waitstatus_to_exitcode(status)
-            view = proc.view
-            self.log.info(
-                "worker_exited",
-                worker=view.slot,
-                gen=view.gen,
-                worker_pid=pid,
-                exit_code=code,
-                lived_s=round(time.monotonic() - view.started, 1),
-            )
-            slot = self._slot_of(proc)
-            if slot is None or self.stopping is not None:
-                continue
-            slot.proc = None
-            if code == EXIT_BOOT and not view.hello:
-                self.fatal = f"worker {view.slot} failed to boot (exit status {code})"
-                # During a reload the old generation still serves: let it drain.
-                self.stop(graceful=bool(self.retiring))
+            if not self._worker_exited(proc, os.waitstatus_to_exitcode(status)):
                 return
-            quick = time.monotonic() - view.started < 10.0
-            slot.failures = slot.failures + 1 if quick else 0
-            delay = 0.0 if slot.failures <= 1 else min(30.0, 0.5 * 2 ** (slot.failures - 2))
-            slot.spawn_at = time.monotonic() + delay
-            self.log.warning("worker_died", worker=view.slot, exit_code=code, respawn_in_s=delay)
+
+    def _worker_exited(self, proc: Proc, code: int) -> bool:
+        """Keep an exited worker's counters, log it, and schedule its slot's respawn.
+
+        A worker that dies before its hello with the boot exit status stops the
+        supervisor (exit status 3) instead of being respawned in a loop.
+
+        Returns:
+            False when that happened: the supervisor is stopping, reaping can wait.
+        """
+        if proc.pipe >= 0:
+            self.read_stats(proc)  # the bye line, if it is still in the pipe
+            if proc.pipe >= 0:
+                self._close_pipe(proc)
+        view = proc.view
+        add_counters(self.retired, view.counters)
+        self.log.info(
+            "worker_exited",
+            worker=view.slot,
+            gen=view.gen,
+            worker_pid=view.pid,
+            exit_code=code,
+            lived_s=round(time.monotonic() - view.started, 1),
+        )
+        slot = self._slot_of(proc)
+        if slot is None or self.stopping is not None:
+            return True
+        slot.proc = None
+        if code == EXIT_BOOT and not view.hello:
+            self.fatal = f"worker {view.slot} failed to boot (exit status {code})"
+            # During a reload the old generation still serves: let it drain.
+            self.stop(graceful=bool(self.retiring))
+            return False
+        self._schedule_respawn(slot, view, code)
+        return True
+
+    def _schedule_respawn(self, slot: Slot, view: WorkerView, code: int) -> None:
+        """Respawn at once after one quick death, then back off (0.5 s doubling to 30 s)."""
+        quick = time.monotonic() - view.started < 10.0
+        slot.failures = slot.failures + 1 if quick else 0
+        delay = 0.0 if slot.failures <= 1 else min(30.0, 0.5 * 2 ** (slot.failures - 2))
+        slot.spawn_at = time.monotonic() + delay
+        self.log.warning("worker_died", worker=view.slot, exit_code=code, respawn_in_s=delay)
 
     def _slot_of(self, proc: Proc) -> Slot | None:
+        """The current generation's slot `proc` occupies, or None (retired or replaced)."""
         if proc.view.gen != self.gen or proc.view.slot >= len(self.slots):
             return None
         slot = self.slots[proc.view.slot]
         return slot if slot.proc is proc else None
 
     def _signal(self, proc: Proc, signum: int) -> None:
+        """Send `signum` to `proc`; the first one starts its termination clock."""
         proc.term_at = proc.term_at or time.monotonic()
         try:
             os.kill(proc.view.pid, signum)
@@ -337,10 +378,25 @@ class Supervisor:
     # -- periodic work ------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
-        if self.stopping is None:
-            for slot in self.slots:
-                if slot.proc is None and slot.spawn_at is not None and now >= slot.spawn_at:
-                    self.spawn(slot)
+        """One pass of the periodic work; each step checks its own due time."""
+        self._spawn_due(now)
+        self._watch_heartbeats(now)
+        self._kill_overdue(now)
+        self._promote_when_ready(now)
+        self._sample_time_wait(now)
+        self._update_status(now)
+        self._log_stats(now)
+
+    def _spawn_due(self, now: float) -> None:
+        """Fork a worker into every empty slot whose (back-off) time has come."""
+        if self.stopping is not None:
+            return
+        for slot in self.slots:
+            if slot.proc is None and slot.spawn_at is not None and now >= slot.spawn_at:
+                self.spawn(slot)
+
+    def _watch_heartbeats(self, now: float) -> None:
+        """TERM a worker silent for longer than `stats.heartbeat_timeout`: it is hung."""
         hb = self.config.stats.heartbeat_timeout
         for proc in list(self.procs.values()):
             if proc.term_at is None and now - proc.view.last_seen > hb:
@@ -352,120 +408,105 @@ class Supervisor:
                 )
                 self._signal(proc, signal.SIGTERM)
                 proc.kill_after = now + _KILL_GRACE
-            elif proc.term_at is not None and now > proc.kill_after:
+
+    def _kill_overdue(self, now: float) -> None:
+        """KILL a worker still alive past its deadline (hung, or a drain that ran over)."""
+        for proc in list(self.procs.values()):
+            if proc.term_at is not None and now > proc.kill_after:
                 self._signal(proc, signal.SIGKILL)
+
+    def _promote_when_ready(self, now: float) -> None:
+        """Once every slot's worker has said hello: drain the previous generation, send
+        READY=1 and log `supervisor_ready` (once per generation)."""
         current = [s.proc for s in self.slots]
-        if not self.ready_sent and all(p is not None and p.view.hello for p in current):
-            self.ready_sent = True
-            deadline = now + self.config.shutdown_timeout + _KILL_GRACE
-            for proc in self.retiring:
-                if proc.view.pid in self.procs:
-                    self._signal(proc, signal.SIGTERM)  # drain, tunnels are not cut
-                    proc.kill_after = deadline
-            self.retiring = []
-            self.notifier.ready(self._status())
+        if self.ready_sent or not all(p is not None and p.view.hello for p in current):
+            return
+        self.ready_sent = True
+        deadline = now + self.config.shutdown_timeout + _KILL_GRACE
+        for proc in self.retiring:
+            if proc.view.pid in self.procs:
+                self._signal(proc, signal.SIGTERM)  # drain, tunnels are not cut
+                proc.kill_after = deadline
+        self.retiring = []
+        self.notifier.ready(self._status())
+        self.log.info(
+            "supervisor_ready",
+            generation=self.gen,
+            workers=len(current),
+            listen=[self._describe(a) for a in self.listeners],
+            metrics=self._metrics_address(),
+        )
+
+    def _sample_time_wait(self, now: float) -> None:
+        """Every `stats.timewait_interval`: count the kernel's TIME_WAIT sockets of our
+        egress IPs (no worker sees them: they belong to the kernel once closed)."""
+        if now < self._next["timewait"]:
+            return
+        self._next["timewait"] = now + self.config.stats.timewait_interval
+        ips = {ip["ip"] for v in self._views() for ip in v.egress_ips}
+        self.time_wait = sample_time_wait(local_ips=ips or None, max_rows=_TIMEWAIT_ROWS)
+
+    def _update_status(self, now: float) -> None:
+        """Every 5 s once ready: refresh the STATUS= line systemd shows."""
+        if now < self._next["status"] or not self.ready_sent:
+            return
+        self._next["status"] = now + 5.0
+        self.notifier.status(self._status())
+
+    def _log_stats(self, now: float) -> None:
+        """Every `stats.log_interval`: log the `stats` event (not at start: all zeros)."""
+        if now < self._next["stats_log"]:
+            return
+        if self._next["stats_log"]:
+            agg = self.aggregate()
             self.log.info(
-                "supervisor_ready",
-                generation=self.gen,
-                workers=len(current),
-                listen=[self._describe(a) for a in self.listeners],
-                metrics=self._metrics_address(),
+                "stats",
+                **agg["total"],
+                egress_targets=agg["egress"]["targets"][:5],
+                time_wait=agg["egress"]["time_wait"]["total"],
             )
-        if now >= self._next["timewait"]:
-            self._next["timewait"] = now + self.config.stats.timewait_interval
-            ips = {ip["ip"] for v in self._views() for ip in v.egress_ips}
-            self.time_wait = sample_time_wait(local_ips=ips or None, max_rows=_TIMEWAIT_ROWS)
-        if now >= self._next["status"] and self.ready_sent:
-            self._next["status"] = now + 5.0
-            self.notifier.status(self._status())
-        if now >= self._next["stats_log"]:
-            if self._next["stats_log"]:
-                agg = self.aggregate()
-                self.log.info(
-                    "stats",
-                    **agg["total"],
-                    egress_targets=agg["egress"]["targets"][:5],
-                    time_wait=agg["egress"]["time_wait"]["total"],
-                )
-            self._next["stats_log"] = now + self.config.stats.log_interval
+        self._next["stats_log"] = now + self.config.stats.log_interval
 
     def _describe(self, address: ListenAddress) -> str:
+        """`address` as bound: port 0 replaced by the port the kernel gave."""
         return str(ListenAddress(address.host, self.listeners[address][0].getsockname()[1]))
 
     def _metrics_address(self) -> str | None:
+        """The metrics endpoint's bound address, if there is one."""
         if self.metrics is None:
             return None
         return describe(self.metrics.sock)
 
     def _status(self) -> str:
+        """The one-line status for systemd."""
         open_tunnels = sum(v.gauges.get("open_tunnels", 0) for v in self._views())
         return f"{open_tunnels} open tunnels, {len(self.procs)} workers, generation {self.gen}"
 
     def _views(self) -> list[WorkerView]:
+        """What every live worker reported, old generations included."""
         return [p.view for p in self.procs.values()]
 
-    def aggregate(self) -> dict[str, Any]:
-        now = time.monotonic()
-        views = self._views()
-        counters: dict[str, Any] = {}
-        add_counters(counters, self.retired)
-        gauges: dict[str, Any] = {}
-        workers = []
-        for v in sorted(views, key=lambda v: (v.gen, v.slot)):
-            add_counters(counters, v.counters)
-            add_counters(gauges, v.gauges)
-            workers.append(
-                {
-                    "slot": v.slot,
-                    "gen": v.gen,
-                    "pid": v.pid,
-                    "alive": True,
-                    "last_seen_s": round(now - v.last_seen, 2),
-                    "restarts": self.slots[v.slot].failures if v.slot < len(self.slots) else 0,
-                    "counters": v.counters,
-                    "gauges": v.gauges,
-                }
-            )
-        for slot in self.slots:
-            if slot.proc is None:  # dead or waiting for its respawn
-                workers.append(
-                    {
-                        "slot": slot.index,
-                        "gen": self.gen,
-                        "pid": None,
-                        "alive": False,
-                        "last_seen_s": None,
-                        "restarts": slot.failures,
-                        "counters": {},
-                        "gauges": {},
-                    }
-                )
-        egress = aggregate_egress(views)
-        ports = egress["ephemeral_ports"]
-        egress["time_wait"] = {
-            "total": self.time_wait.total,
-            "truncated": self.time_wait.truncated,
-            "by_pair": [
-                {"egress_ip": ip, "target": t, "count": n, "pressure": round(n / ports, 4)}
-                for ip, t, n in self.time_wait.by_pair
-            ],
-        }
-        return {
-            "supervisor": {
-                "pid": os.getpid(),
-                "generation": self.gen,
-                "workers_wanted": len(self.slots),
-                "uptime_s": round(now - self.started, 1),
-                "config": self.config.source,
-            },
-            "total": {"counters": counters, "gauges": gauges},
-            "workers": workers,
-            "egress": egress,
-        }
+    def aggregate(self) -> Aggregate:
+        """The figures served by the control socket and `/metrics`, and logged as `stats`."""
+        return stats.aggregate(
+            self._views(),
+            retired=self.retired,
+            facts=SupervisorFacts(
+                pid=self._pid,
+                generation=self.gen,
+                started=self.started,
+                config=self.config.source,
+                restarts=tuple(slot.failures for slot in self.slots),
+                vacant=tuple(slot.index for slot in self.slots if slot.proc is None),
+            ),
+            time_wait=self.time_wait,
+            now=time.monotonic(),
+        )
 
     # -- main loop ------------------------------------------------------------------------
 
     def run(self) -> int:
+        """Serve until stopped and every worker is gone; return the exit status."""
         setproctitle.setproctitle(f"socksd: supervisor [{self.config.source}]")
         self.wake.install()
         settings = read_kernel_settings()
@@ -511,4 +552,5 @@ class Supervisor:
             )
 
     def _bound_addresses(self) -> list[ListenAddress]:
+        """Every listen address with the port it is bound to."""
         return [ListenAddress(a.host, s[0].getsockname()[1]) for a, s in self.listeners.items()]

@@ -14,11 +14,11 @@ from socksd.access import ClientPolicy, DestinationPolicy
 from socksd.config import Config
 from socksd.policy import EgressPolicy
 from workers.authenticator import Authenticator
+from workers.counters import WorkerCounters
 from workers.limits import Limits
 from workers.loop import Loop
 from workers.pipes import PipePool
 from workers.pressure import PortPressure
-from workers.reporter import WorkerCounters
 from workers.resolver import Resolver
 
 RELAY_BUFFER = 64 * 1024
@@ -28,8 +28,11 @@ class Closable(Protocol):
     def close(self, reason: str, abortive: bool = False) -> None: ...
 
 
-@dataclass(slots=True, eq=False)
+# kw_only: eleven fields, several of the same type; built once per process, by name.
+@dataclass(slots=True, eq=False, kw_only=True)
 class WorkerContext:
+    """The objects every session of this worker shares, built once by `workers.main`."""
+
     loop: Loop
     config: Config
     resolver: Resolver

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from socksd.config import Config, UserAccess
+from workers.counters import WorkerCounters
 from workers.events import LogGate
-from workers.reporter import WorkerCounters
 
 _NO_USER = UserAccess()
 _FAILURE_MEMORY = 600.0  # a client IP's failed logins are forgotten after this quiet time

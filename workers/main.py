@@ -27,10 +27,11 @@ from workers import sweeps
 from workers.acceptor import Acceptor
 from workers.authenticator import Authenticator
 from workers.context import WorkerContext
+from workers.counters import WorkerCounters
 from workers.limits import Limits
 from workers.loop import EVENT_READ, Loop
 from workers.pressure import PortPressure
-from workers.reporter import Reporter, WorkerCounters
+from workers.reporter import Reporter
 from workers.resolver import Resolver
 
 _DRAIN_POLL = 0.1
@@ -42,13 +43,25 @@ class Worker:
 
     def __init__(
         self,
+        *,
         config: Config,
         listeners: list[socket.socket],
         slot: int,
         generation: int,
         stats_fd: int | None,
-        supervisor_pid: int | None = None,
+        supervisor_pid: int | None,
     ) -> None:
+        """Build the worker's once-per-process objects; nothing runs before `run()`.
+
+        Args:
+            config: the validated configuration.
+            listeners: this slot's listening sockets.
+            slot: the worker's slot.
+            generation: the supervisor's generation that forked it.
+            stats_fd: the write end of the stats pipe; None: no supervisor reads.
+            supervisor_pid: the supervisor's pid as the fork saw it (None: the parent
+                as getppid() sees it when the reporter is built).
+        """
         self.config = config
         self.log = logs.get_logger()
         self.loop = loop = Loop()
@@ -60,25 +73,27 @@ class Worker:
         )
         self.settings = read_kernel_settings()
         self.pressure = PortPressure(
-            self.settings,
-            config.egress.pressure_threshold,
-            config.egress.max_tracked_targets,
-            self.log,
+            settings=self.settings,
+            threshold=config.egress.pressure_threshold,
+            max_targets=config.egress.max_tracked_targets,
+            log=self.log,
         )
         counters = WorkerCounters()
         self.ctx = WorkerContext(
-            loop,
-            config,
-            self.resolver,
-            authenticator,
-            self.log,
-            self.pressure,
-            EgressPolicy(config.egress.mappings),
-            ClientPolicy(config.access.clients, loopback_only=config.loopback_only),
+            loop=loop,
+            config=config,
+            resolver=self.resolver,
+            authenticator=authenticator,
+            log=self.log,
+            pressure=self.pressure,
+            policy=EgressPolicy(config.egress.mappings),
+            clients=ClientPolicy(config.access.clients, loopback_only=config.loopback_only),
             # The bound addresses, not the configured ones: port 0 means "any".
-            DestinationPolicy(config.access.destinations, [s.getsockname()[:2] for s in listeners]),
-            Limits(config, self.log, counters),
-            counters,
+            destinations=DestinationPolicy(
+                config.access.destinations, [s.getsockname()[:2] for s in listeners]
+            ),
+            limits=Limits(config=config, log=self.log, counters=counters),
+            counters=counters,
         )
         if not config.relay_splice:
             self.ctx.pipes = None
@@ -93,15 +108,16 @@ class Worker:
             udp_idle=timeouts.udp_idle,
         )
         self.reporter = Reporter(
-            loop,
-            stats_fd,
-            self.ctx.counters,
-            self.pressure,
-            self.ctx.open,
-            slot,
-            generation,
-            config.stats.interval,
-            self._orphaned,
+            loop=loop,
+            fd=stats_fd,
+            counters=self.ctx.counters,
+            pressure=self.pressure,
+            open_conns=self.ctx.open,
+            slot=slot,
+            generation=generation,
+            interval=config.stats.interval,
+            on_orphaned=self._orphaned,
+            supervisor_pid=supervisor_pid,
         )
         self.signals = SignalPipe(_HANDLED, self.on_signal)
         self.signals.install()
@@ -194,4 +210,12 @@ def run_worker(
     """Serve SOCKS clients on `listeners` until told to stop; return the exit code."""
     setproctitle.setproctitle(f"socksd: worker {slot}")
     logs.bind_process(role="worker", worker=slot, gen=generation, pid=os.getpid())
-    return Worker(config, listeners, slot, generation, stats_fd, supervisor_pid).run()
+    worker = Worker(
+        config=config,
+        listeners=listeners,
+        slot=slot,
+        generation=generation,
+        stats_fd=stats_fd,
+        supervisor_pid=supervisor_pid,
+    )
+    return worker.run()

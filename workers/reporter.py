@@ -1,75 +1,25 @@
-"""What a worker tells the supervisor: counters, gauges and egress figures, on a timer.
+"""What a worker tells the supervisor, on a timer: its counters and egress figures.
 
-Owns: the worker's counters (`WorkerCounters`, bumped by acceptor, session and relay),
-the timed flush of stats lines to the supervisor's pipe, hello/bye, and noticing
-that the supervisor is gone.
-Must not: block. The pipe is non-blocking; a full pipe drops the line and counts it.
+Owns: when lines are sent (hello at start, a flush every `interval`, bye at exit), the
+writes to the supervisor's pipe, and noticing that the supervisor is gone.
+Must not: block, or decide what a line holds: socksd.stats encodes every line. The pipe
+is non-blocking; a full pipe drops the line and counts it.
 
 Counters are totals since the worker started (not deltas), so a dropped line loses
-nothing: the next one carries the totals. Each line is one orjson object under
-PIPE_BUF bytes, so the kernel writes it whole or not at all; egress figures are split
-over as many `egress` lines as they need.
+nothing: the next one carries the totals.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Collection
 from typing import Any
 
-import orjson
-
-from socksd.stats import PIPE_LINE_MAX, encode_egress_lines
+from socksd.stats import LineHeader, encode_line, encode_report
+from workers.counters import WorkerCounters
 from workers.loop import Loop, Timer
 from workers.pressure import PortPressure
-
-
-class WorkerCounters:
-    """Totals since the worker started; gauges are derived at report time."""
-
-    __slots__ = (
-        "accepted",
-        "tunnels_opened",
-        "tunnels_closed",
-        "bytes_up",
-        "bytes_down",
-        "handshake_failures",
-        "refused",
-        "udp_datagrams_up",
-        "udp_datagrams_down",
-        "udp_bytes_up",
-        "udp_bytes_down",
-        "udp_dropped",
-        "replies",
-        "open_tunnels",
-        "dropped_lines",
-    )
-
-    def __init__(self) -> None:
-        self.accepted = 0
-        self.tunnels_opened = 0
-        self.tunnels_closed = 0
-        self.bytes_up = 0
-        self.bytes_down = 0
-        self.handshake_failures: dict[str, int] = {}
-        self.refused: dict[str, int] = {}  # by access rule or limit: reason -> count
-        self.udp_datagrams_up = 0
-        self.udp_datagrams_down = 0
-        self.udp_bytes_up = 0
-        self.udp_bytes_down = 0
-        self.udp_dropped: dict[str, int] = {}  # reason -> datagrams
-        self.replies: dict[int, int] = {}
-        self.open_tunnels = 0
-        self.dropped_lines = 0
-
-    def handshake_failed(self, reason: str) -> None:
-        self.handshake_failures[reason] = self.handshake_failures.get(reason, 0) + 1
-
-    def refuse(self, reason: str) -> None:
-        self.refused[reason] = self.refused.get(reason, 0) + 1
-
-    def replied(self, code: int) -> None:
-        self.replies[code] = self.replies.get(code, 0) + 1
 
 
 class Reporter:
@@ -77,17 +27,34 @@ class Reporter:
 
     def __init__(
         self,
+        *,
         loop: Loop,
         fd: int | None,
         counters: WorkerCounters,
         pressure: PortPressure,
-        open_conns: set[Any],
+        open_conns: Collection[Any],
         slot: int,
         generation: int,
         interval: float,
-        on_orphaned: Any,
-        supervisor_pid: int | None = None,
+        on_orphaned: Callable[[], None],
+        supervisor_pid: int | None,
     ) -> None:
+        """Set up the reporter; nothing is sent before `start()`.
+
+        Args:
+            loop: the worker's loop, for the timer.
+            fd: the write end of the stats pipe (made non-blocking here); None: no
+                supervisor reads, only orphan detection runs.
+            counters: the worker's totals.
+            pressure: its egress counters.
+            open_conns: its open connections (only their number is read).
+            slot: the worker's slot, for the lines' header.
+            generation: its generation, for the lines' header.
+            interval: seconds between flushes.
+            on_orphaned: called once the supervisor is found gone.
+            supervisor_pid: the supervisor's pid as the fork saw it; None falls back to
+                getppid() now, which misses a supervisor that died before this call.
+        """
         self._loop = loop
         self._fd = fd
         self._counters = counters
@@ -97,8 +64,8 @@ class Reporter:
         self._gen = generation
         self._interval = interval
         self._seq = 0
-        # The supervisor's pid is passed in: reading getppid() here would miss a
-        # supervisor that died between the fork and this line.
+        # Required (no default) so that no caller forgets it: reading getppid() here
+        # would miss a supervisor that died between the fork and this line.
         self._parent = supervisor_pid or os.getppid()
         self._on_orphaned = on_orphaned
         self._timer: Timer | None = None
@@ -106,6 +73,7 @@ class Reporter:
             os.set_blocking(fd, False)
 
     def start(self) -> None:
+        """Say hello, then flush every `interval` seconds."""
         self._send({"kind": "hello"})
         self._timer = self._loop.call_later(self._interval, self._tick)
 
@@ -120,74 +88,29 @@ class Reporter:
 
     def flush(self) -> None:
         """Send the current figures now (also called at exit)."""
-        c = self._counters
-        egress = self._pressure.snapshot(self._loop.now)
-        egress_errors: dict[str, int] = {}
-        retries = rescued = exhausted = 0
-        for ip in egress.ips:
-            retries += ip.retries
-            rescued += ip.rescued
-            exhausted += ip.exhausted
-            for name, n in ip.failed.items():
-                egress_errors[name] = egress_errors.get(name, 0) + n
         self._seq += 1
-        self._send(
-            {
-                "kind": "stats",
-                "counters": {
-                    "accepted": c.accepted,
-                    "tunnels_opened": c.tunnels_opened,
-                    "tunnels_closed": c.tunnels_closed,
-                    "bytes_up": c.bytes_up,
-                    "bytes_down": c.bytes_down,
-                    "handshake_failures": c.handshake_failures,
-                    "refused": c.refused,
-                    "udp_datagrams_up": c.udp_datagrams_up,
-                    "udp_datagrams_down": c.udp_datagrams_down,
-                    "udp_bytes_up": c.udp_bytes_up,
-                    "udp_bytes_down": c.udp_bytes_down,
-                    "udp_dropped": c.udp_dropped,
-                    "replies": {str(k): v for k, v in c.replies.items()},
-                    "egress_errors": egress_errors,
-                    "retries": retries,
-                    "rescued": rescued,
-                    "exhausted": exhausted,
-                    "dropped_lines": c.dropped_lines,
-                },
-                "gauges": {
-                    "open_tunnels": c.open_tunnels,
-                    "open_sessions": len(self._open) - c.open_tunnels,
-                },
-            }
-        )
-        for line in encode_egress_lines(egress, self._header()):
+        egress = self._pressure.snapshot(self._loop.now)
+        for line in encode_report(self._header(), self._counters, egress, len(self._open)):
             self._write(line)
 
     def bye(self) -> None:
+        """Stop the timer, flush the final figures, and say goodbye."""
         if self._timer is not None:
             self._timer.cancel()
         self.flush()
         self._send({"kind": "bye"})
 
-    def _header(self) -> dict[str, Any]:
-        return {
-            "v": 1,
-            "worker": self._slot,
-            "gen": self._gen,
-            "pid": os.getpid(),
-            "seq": self._seq,
-            "ts": round(time.time(), 3),
-        }
+    def _header(self) -> LineHeader:
+        return LineHeader(
+            worker=self._slot,
+            gen=self._gen,
+            pid=os.getpid(),
+            seq=self._seq,
+            ts=round(time.time(), 3),
+        )
 
     def _send(self, body: dict[str, Any]) -> None:
-        line = orjson.dumps({**self._header(), **body}) + b"\n"
-        if len(line) > PIPE_LINE_MAX:
-            # Only handshake-failure reasons and errno names are open-ended, and both
-            # come from fixed sets; drop the detail rather than break atomicity.
-            body = {**body, "truncated": True}
-            body.get("counters", {}).pop("handshake_failures", None)
-            line = orjson.dumps({**self._header(), **body}) + b"\n"
-        self._write(line)
+        self._write(encode_line(self._header(), body))
 
     def _write(self, line: bytes) -> None:
         if self._fd is None:

@@ -9,8 +9,8 @@ from socksd.access import ClientPolicy, DestinationPolicy, ip_key, make_rule
 from socksd.config import load_config, parse_config, with_overrides
 from socksd.errors import ConfigError
 from socksd.passwords import hash_password
+from workers.counters import WorkerCounters
 from workers.limits import Limits
-from workers.reporter import WorkerCounters
 
 
 class _Log:
