@@ -51,14 +51,25 @@ def tunnel_closed(
 
     `started`/`now` are loop times; a refused request has `reply` != 0 and no bytes.
     """
+    duration_ms = round((now - started) * 1000, 1)
+    if fields:
+        log.info(
+            "tunnel_closed",
+            reply=reply,
+            reason=reason,
+            bytes_up=bytes_up,
+            bytes_down=bytes_down,
+            duration_ms=duration_ms,
+            **fields,
+        )
+        return
     log.info(
         "tunnel_closed",
         reply=reply,
         reason=reason,
         bytes_up=bytes_up,
         bytes_down=bytes_down,
-        duration_ms=round((now - started) * 1000, 1),
-        **fields,
+        duration_ms=duration_ms,
     )
 
 
