@@ -279,6 +279,7 @@ class DNSServer:
         self._requested_port = port
         self.port = 0
         self.negative_ttl = negative_ttl
+        self._initial_negative_ttl = negative_ttl
         self.malformed = 0
         self._lock = threading.Lock()
         self._logged = threading.Condition(self._lock)
@@ -429,11 +430,12 @@ class DNSServer:
     def set_negative_ttl(self, name: str | None, ttl: int | None) -> None:
         """TTL and MINIMUM of the SOA sent with NXDOMAIN/NODATA for `name`.
 
-        None as name sets the zone default; None as ttl falls back to that default.
+        None as name sets the zone default (None as ttl: back to the constructor's); for a
+        name, None as ttl falls back to the zone default.
         """
         with self._lock:
             if name is None:
-                self.negative_ttl = DEFAULT_NEGATIVE_TTL if ttl is None else ttl
+                self.negative_ttl = self._initial_negative_ttl if ttl is None else ttl
             elif ttl is None:
                 self._negative_ttls.pop(_key(name), None)
             else:
@@ -473,7 +475,7 @@ class DNSServer:
             self._delays.clear()
             self._dropped.clear()
             self._truncated.clear()
-            self.negative_ttl = DEFAULT_NEGATIVE_TTL
+            self.negative_ttl = self._initial_negative_ttl
 
     # ----- counters --------------------------------------------------------------------
 

@@ -336,6 +336,18 @@ def test_counters_by_name_type_and_transport(dns: DNSServer) -> None:
     assert not dns.wait_queries(1, timeout=0.05)
 
 
+def test_clear_forgets_the_zone_and_behaviours_but_not_the_counts() -> None:
+    with DNSServer(negative_ttl=9) as dns:
+        dns.add("www.example.test", "A", "192.0.2.1")
+        dns.set_negative_ttl(None, 99)
+        dns.set_delay(None, 5.0)
+        dns.truncate(None)
+        dns.clear()
+        reply = parse_response(udp_exchange(dns, build_query("www.example.test", 1)))
+        assert (reply["rcode"], reply["tc"], reply["authority"][0][2]) == (NXDOMAIN, False, 9)
+        assert dns.queries("www.example.test") == 1
+
+
 # ----- raw protocol corners ---------------------------------------------------------------
 
 
