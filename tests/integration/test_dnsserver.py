@@ -85,6 +85,40 @@ def records(result: Any) -> list[tuple[str, int, int, str]]:
     return rows
 
 
+def test_c_ares_caches_per_channel_except_servfail(dns: DNSServer) -> None:
+    """Pinned because socksd's own cache sits on top of it: c-ares 1.34 has a query cache
+    on by default (pycares 5.2.1 cannot turn it off), answers hits synchronously inside
+    query() in the caller's thread, caches NXDOMAIN/NODATA for the SOA's negative TTL,
+    and never caches SERVFAIL, which is what serve-stale has to see."""
+    need(HAVE_PYCARES, "pycares is not installed (pip install '.[test]')")
+    dns.add("www.example.test", "A", "192.0.2.1", ttl=60)
+    dns.set_rcode("broken.example.test", SERVFAIL)
+    dns.set_negative_ttl(None, 60)
+    channel = pycares.Channel(servers=[dns.nameserver], timeout=1.0, tries=1)
+    try:
+        for name in ("www.example.test", "nope.example.test", "broken.example.test"):
+            threads: list[threading.Thread] = []
+            for _ in range(2):
+                done = threading.Event()
+
+                def callback(
+                    result: Any,
+                    error: int | None,
+                    done: threading.Event = done,
+                    threads: list[threading.Thread] = threads,
+                ) -> None:
+                    threads.append(threading.current_thread())
+                    done.set()
+
+                channel.query(name, pycares.QUERY_TYPE_A, callback=callback)
+                assert done.wait(TIMEOUT)
+            cached = name != "broken.example.test"
+            assert dns.queries(name) == (1 if cached else 2), name
+            assert (threads[1] is threading.current_thread()) == cached, name
+    finally:
+        channel.close()
+
+
 # ----- raw wire format, written from RFC 1035 ---------------------------------------------
 
 
