@@ -79,7 +79,20 @@ class LogConfig:
 
 @dataclass(frozen=True, slots=True)
 class ResolverConfig:
-    threads: int = 4
+    """How names in requests are resolved; see the `[resolver]` section of etc/socksd.toml."""
+
+    # "cares": c-ares on each worker's own loop (reads /etc/resolv.conf and /etc/hosts);
+    # "system": getaddrinfo() in the thread pool (for hosts that need other NSS modules).
+    backend: Literal["cares", "system"] = "cares"
+    nameservers: tuple[str, ...] = ()  # "ip" or "ip:port" / "[v6]:port"; () = resolv.conf
+    timeout: float = 5.0  # a lookup unanswered this long fails: dns_timeout (reply 0x04)
+    tries: int = 2  # c-ares attempts per server within `timeout`
+    min_ttl: float = 1.0  # an answer is kept at least this long ...
+    max_ttl: float = 300.0  # ... and at most this long, whatever its TTL says
+    negative_ttl: float = 5.0  # NXDOMAIN / no data answers kept this long
+    stale_ttl: float = 30.0  # an expired answer served when its refresh fails (RFC 8767)
+    cache_size: int = 10000  # names kept per worker (least recently used dropped)
+    threads: int = 4  # the pool for scrypt and, with backend = "system", getaddrinfo
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,6 +354,53 @@ def _tables(value: object, key: str) -> list[_Table]:
     return out
 
 
+def _parse_resolver(t: _Table) -> ResolverConfig:
+    d = ResolverConfig()
+    backend = t.get("backend", d.backend)
+    if backend not in ("cares", "system"):
+        raise ConfigError(f'resolver.backend: must be "cares" or "system", got {backend!r}')
+    servers = t.get("nameservers", [])
+    if not isinstance(servers, list):
+        raise ConfigError('resolver.nameservers: must be a list like ["127.0.0.53:53"]')
+    nameservers = tuple(_parse_nameserver(s, t.key("nameservers")) for s in servers)
+    if nameservers and backend == "system":
+        raise ConfigError('resolver.nameservers: only with backend = "cares"')
+    ints = {}
+    for name, low, high in (("tries", 1, 10), ("cache_size", 1, 10_000_000), ("threads", 1, 64)):
+        value = t.get(name, getattr(d, name))
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(f"{t.key(name)}: must be an integer in {low}..{high}, got {value!r}")
+        ints[name] = value
+    config = ResolverConfig(
+        backend=backend,
+        nameservers=nameservers,
+        timeout=t.number("timeout", d.timeout),
+        min_ttl=t.number("min_ttl", d.min_ttl),
+        max_ttl=t.number("max_ttl", d.max_ttl),
+        negative_ttl=t.number("negative_ttl", d.negative_ttl),
+        stale_ttl=t.number("stale_ttl", d.stale_ttl),
+        **ints,
+    )
+    t.done()
+    if config.min_ttl > config.max_ttl:
+        raise ConfigError("resolver.min_ttl: must not be above resolver.max_ttl")
+    return config
+
+
+def _parse_nameserver(text: object, key: str) -> str:
+    """ "ip", "ip:port" or "[v6]:port" -> the text c-ares takes ("ip:port", "[v6]:port")."""
+    if not isinstance(text, str):
+        raise ConfigError(f"{key}: each entry must be a string, got {text!r}")
+    try:
+        return str(ListenAddress(ipaddress.ip_address(text).compressed, 53))
+    except ValueError:
+        pass
+    address = parse_listen(text, key)
+    if address.port == 0:
+        raise ConfigError(f"{key}: port 0 in {text!r}")
+    return str(address)
+
+
 def _parse_egress(t: _Table) -> EgressConfig:
     default = EgressConfig()
     rt = t.table("retry")
@@ -535,11 +595,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         raise ConfigError(f"log.level: must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
     lt.done()
 
-    rt = root.table("resolver")
-    threads = rt.get("threads", ResolverConfig().threads)
-    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 64:
-        raise ConfigError(f"resolver.threads: must be an integer in 1..64, got {threads!r}")
-    rt.done()
+    resolver = _parse_resolver(root.table("resolver"))
 
     egress = _parse_egress(root.table("egress"))
     shutdown_timeout = root.number("shutdown_timeout", 30.0)
@@ -577,7 +633,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         timeouts=timeouts,
         auth=auth,
         log=LogConfig(level=level),
-        resolver=ResolverConfig(threads=threads),
+        resolver=resolver,
         egress=egress,
         shutdown_timeout=shutdown_timeout,
         stats=stats,

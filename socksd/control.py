@@ -263,8 +263,17 @@ def format_table(agg: dict[str, Any]) -> str:
         "",
         f"replies {c.get('replies', {})}  handshake failures {c.get('handshake_failures', {})}"
         f"  refused {c.get('refused', {})}",
-        "",
     ]
+    dns = agg.get("dns")
+    if dns:
+        ratio = "-" if dns["hit_ratio"] is None else f"{dns['hit_ratio']:.1%}"
+        lines.append(
+            f"dns lookups {dns['lookups']}  hits {dns['hits']} ({ratio})  misses "
+            f"{dns['misses']}  coalesced {dns['coalesced']}  stale {dns['stale']}  "
+            f"latency p50 <= {dns['latency_p50_ms']} ms p99 <= {dns['latency_p99_ms']} ms  "
+            f"failures {dns['failures']}"
+        )
+    lines.append("")
     eg = agg["egress"]
     lines.append(f"egress (ephemeral ports P = {eg['ephemeral_ports']})")
     lines.append(

@@ -28,7 +28,7 @@ class Family:
     """One metric family: name without the `socksd_` prefix, type and HELP text."""
 
     name: str
-    kind: Literal["counter", "gauge"]
+    kind: Literal["counter", "gauge", "histogram"]
     help: str
 
 
@@ -115,6 +115,23 @@ _WORKER_LABELLED: tuple[tuple[str, str, Family], ...] = (
         Family("egress_errors_total", "counter", "Egress socket errors, by call and errno."),
     ),
 )
+
+# Per-worker DNS figures: key in `counters.dns` -> family.
+_DNS_COUNTERS: tuple[tuple[str, Family], ...] = (
+    ("lookups", Family("dns_lookups_total", "counter", "Name lookups sent to the resolver.")),
+    ("hits", Family("dns_cache_hits_total", "counter", "Names answered from the cache.")),
+    ("misses", Family("dns_cache_misses_total", "counter", "Names not in the cache.")),
+    (
+        "coalesced",
+        Family("dns_coalesced_total", "counter", "Names asked while their lookup ran."),
+    ),
+    (
+        "stale",
+        Family("dns_stale_answers_total", "counter", "Expired answers served (RFC 8767)."),
+    ),
+)
+_DNS_FAILURES = Family("dns_failures_total", "counter", "Name lookups that failed, by reason.")
+_DNS_LATENCY = Family("dns_lookup_seconds", "histogram", "Time a name lookup took.")
 
 _WORKER_GAUGES: tuple[tuple[str, Family], ...] = (
     ("open_tunnels", Family("open_tunnels", "gauge", "Tunnels currently relaying.")),
@@ -237,6 +254,9 @@ FAMILIES: tuple[Family, ...] = (
     *(f for _, f in _WORKER_COUNTERS),
     *(f for _, _, f in _WORKER_LABELLED),
     *(f for _, f in _WORKER_GAUGES),
+    *(f for _, f in _DNS_COUNTERS),
+    _DNS_FAILURES,
+    _DNS_LATENCY,
     _WORKER_UP,
     _WORKER_RESTARTS,
     *(f for _, f in _IP_FIELDS),
@@ -284,11 +304,12 @@ class _Exposition:
     def __init__(self, families: Iterable[Family]) -> None:
         self._samples: dict[Family, list[str]] = {f: [] for f in families}
 
-    def add(self, family: Family, labels: Mapping[str, Any], value: Any) -> None:
-        """Add one sample; a missing (None) value is omitted, not rendered as 0."""
+    def add(self, family: Family, labels: Mapping[str, Any], value: Any, suffix: str = "") -> None:
+        """Add one sample (`suffix`: a histogram's _bucket, _sum or _count); a missing
+        (None) value is omitted, not rendered as 0."""
         if value is None:
             return
-        name = PREFIX + family.name
+        name = PREFIX + family.name + suffix
         if labels:
             inner = ",".join(f'{k}="{escape_label_value(str(v))}"' for k, v in labels.items())
             name = f"{name}{{{inner}}}"
@@ -327,6 +348,27 @@ def _one_per_slot(workers: list[Any]) -> list[Mapping[str, Any]]:
     return [newest[s] for s in sorted(newest, key=lambda s: (len(s), s))]
 
 
+def _add_dns(exp: _Exposition, labels: Mapping[str, Any], dns: Mapping[str, Any]) -> None:
+    """One worker's DNS figures; the latency as a cumulative histogram in seconds."""
+    if not dns:
+        return
+    for key, family in _DNS_COUNTERS:
+        exp.add(family, labels, dns.get(key))
+    for reason, count in sorted(_map(dns.get("failures")).items()):
+        exp.add(_DNS_FAILURES, {**labels, "reason": reason}, count)
+    buckets = sorted(
+        (float(bound), n) for bound, n in _map(dns.get("latency_ms")).items() if bound != "inf"
+    )
+    total = sum(_map(dns.get("latency_ms")).values())
+    seen = 0
+    for bound, n in buckets:
+        seen += n
+        exp.add(_DNS_LATENCY, {**labels, "le": format_value(bound / 1000)}, seen, "_bucket")
+    exp.add(_DNS_LATENCY, {**labels, "le": "+Inf"}, total, "_bucket")
+    exp.add(_DNS_LATENCY, labels, float(dns.get("latency_s_total", 0.0)), "_sum")
+    exp.add(_DNS_LATENCY, labels, total, "_count")
+
+
 def render(aggregate: Mapping[str, Any]) -> str:
     """Render the supervisor's aggregate stats as a Prometheus 0.0.4 text body.
 
@@ -362,6 +404,7 @@ def render(aggregate: Mapping[str, Any]) -> str:
         gauges = _map(w.get("gauges"))
         for key, family in _WORKER_GAUGES:
             exp.add(family, labels, gauges.get(key))
+        _add_dns(exp, labels, _map(counters.get("dns")))
         alive = w.get("alive")
         exp.add(_WORKER_UP, labels, None if alive is None else int(bool(alive)))
         exp.add(_WORKER_RESTARTS, labels, w.get("restarts"))

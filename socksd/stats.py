@@ -17,6 +17,7 @@ as the snapshot needs; `hello` and `bye` open and close a worker's stream.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, NotRequired, Protocol, TypedDict
@@ -149,6 +150,14 @@ class CounterSource(Protocol):
     def open_tunnels(self) -> int: ...
     @property
     def dropped_lines(self) -> int: ...
+    @property
+    def dns(self) -> DnsSource: ...
+
+
+class DnsSource(Protocol):
+    """The worker's DNS figures (`workers.counters.DnsCounters`)."""
+
+    def as_dict(self) -> dict[str, Any]: ...
 
 
 class StatsCounters(TypedDict):
@@ -172,6 +181,9 @@ class StatsCounters(TypedDict):
     rescued: int
     exhausted: int
     dropped_lines: int
+    # lookups, hits, misses, coalesced, stale, failures {reason: n}, latency_ms {bucket: n},
+    # latency_s_total: see workers.counters.DnsCounters.
+    dns: dict[str, Any]
 
 
 class StatsGauges(TypedDict):
@@ -232,6 +244,7 @@ def stats_message(counters: CounterSource, egress: EgressSnapshot, open_conns: i
             "rescued": rescued,
             "exhausted": exhausted,
             "dropped_lines": c.dropped_lines,
+            "dns": c.dns.as_dict(),
         },
         "gauges": {
             "open_tunnels": c.open_tunnels,
@@ -463,11 +476,28 @@ class EgressSummary(TypedDict):
     time_wait: TimeWaitSummary
 
 
+class DnsSummary(TypedDict):
+    """Name resolution over every worker: the totals, and the latency percentiles read
+    off the summed histogram (the upper bound of the bucket they fall in; None: no
+    lookup yet, or above the last bound)."""
+
+    lookups: int
+    hits: int
+    misses: int
+    coalesced: int
+    stale: int
+    failures: dict[str, int]
+    hit_ratio: float | None
+    latency_p50_ms: float | None
+    latency_p99_ms: float | None
+
+
 class Aggregate(TypedDict):
     supervisor: SupervisorSummary
     total: Totals
     workers: list[WorkerRow]
     egress: EgressSummary
+    dns: DnsSummary
 
 
 @dataclass(frozen=True, slots=True)
@@ -563,6 +593,44 @@ def aggregate(
         "total": {"counters": counters, "gauges": gauges},
         "workers": workers,
         "egress": aggregate_egress(views, time_wait),
+        "dns": dns_summary(counters.get("dns", {})),
+    }
+
+
+def latency_percentile(buckets: Mapping[str, int], q: float) -> float | None:
+    """The upper bound (ms) of the histogram bucket holding quantile `q` (0..1).
+
+    `buckets`: upper bound in ms as text (or "inf") -> count, as workers report them.
+    """
+    bounds = sorted((float(b), n) for b, n in buckets.items())
+    total = sum(n for _, n in bounds)
+    if not total:
+        return None
+    seen = 0
+    for bound, n in bounds:
+        seen += n
+        if seen >= q * total:
+            return None if math.isinf(bound) else bound
+    return None
+
+
+def dns_summary(dns: Mapping[str, Any]) -> DnsSummary:
+    """The `dns` part of the aggregate, from the summed `counters.dns`."""
+    hits = int(dns.get("hits", 0))
+    misses = int(dns.get("misses", 0))
+    coalesced = int(dns.get("coalesced", 0))
+    asked = hits + misses + coalesced
+    latency = dns.get("latency_ms", {})
+    return {
+        "lookups": int(dns.get("lookups", 0)),
+        "hits": hits,
+        "misses": misses,
+        "coalesced": coalesced,
+        "stale": int(dns.get("stale", 0)),
+        "failures": dict(dns.get("failures", {})),
+        "hit_ratio": round(hits / asked, 4) if asked else None,
+        "latency_p50_ms": latency_percentile(latency, 0.5),
+        "latency_p99_ms": latency_percentile(latency, 0.99),
     }
 
 

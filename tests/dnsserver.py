@@ -30,7 +30,7 @@ thread, so other names are answered meanwhile), `drop` (never answer: the client
 is counted and logged before any of these apply (`queries`, `log`, `wait_queries`).
 
 Limits, on purpose: one flat zone without delegation, wildcards or empty non-terminals;
-record types A, AAAA and CNAME only (the SOA is synthesised); class is not checked (answers
+record types A, AAAA, CNAME and TXT only (the SOA is synthesised); class is not checked (answers
 are class IN); an EDNS OPT in the query is ignored and none is sent back, so UDP answers
 over 512 bytes are truncated (TC) like any non-EDNS server's; no DNSSEC, no zone transfers,
 no NOTIFY/UPDATE (other opcodes get NOTIMP). Unparsable queries get FORMERR when their
@@ -66,6 +66,7 @@ __all__ = [
     "REFUSED",
     "SERVFAIL",
     "SOA",
+    "TXT",
     "A",
     "DNSServer",
     "QueryLogEntry",
@@ -75,10 +76,19 @@ __all__ = [
 A = 1
 CNAME = 5
 SOA = 6
+TXT = 16
 AAAA = 28
 OPT = 41
 ANY = 255
-TYPE_NAMES = {A: "A", CNAME: "CNAME", SOA: "SOA", AAAA: "AAAA", OPT: "OPT", ANY: "ANY"}
+TYPE_NAMES = {
+    A: "A",
+    CNAME: "CNAME",
+    SOA: "SOA",
+    TXT: "TXT",
+    AAAA: "AAAA",
+    OPT: "OPT",
+    ANY: "ANY",
+}
 TYPE_CODES = {text: code for code, text in TYPE_NAMES.items()}
 
 # Response codes (RFC 1035 4.1.1).
@@ -382,7 +392,7 @@ class DNSServer:
     # ----- zone data -------------------------------------------------------------------
 
     def add(self, name: str, rtype: int | str, value: str, ttl: int = 300) -> None:
-        """Add an A, AAAA or CNAME record (the same type and value again replaces its TTL)."""
+        """Add an A, AAAA, CNAME or TXT record (the same type and value again replaces its TTL)."""
         code = _type_code(rtype)
         _labels(name)
         if not 0 <= ttl < 2**31:
@@ -394,8 +404,11 @@ class DNSServer:
         elif code == CNAME:
             _labels(value)
             value = _key(value)
+        elif code == TXT:
+            if len(value.encode()) > 255:
+                raise ValueError("one TXT string of at most 255 bytes")
         else:
-            raise ValueError(f"only A, AAAA and CNAME records are served, not {rtype!r}")
+            raise ValueError(f"only A, AAAA, CNAME and TXT records are served, not {rtype!r}")
         with self._lock:
             records = self._records.setdefault(_key(name), [])
             records[:] = [r for r in records if (r.rtype, r.value) != (code, value)]
@@ -784,6 +797,9 @@ def _rdata(out: _Writer, record: _Record) -> Callable[[], None]:
             out.buf += socket.inet_pton(socket.AF_INET, record.value)
         elif record.rtype == AAAA:
             out.buf += socket.inet_pton(socket.AF_INET6, record.value)
+        elif record.rtype == TXT:  # a name with only TXT: NODATA for A and AAAA
+            data = record.value.encode()
+            out.buf += bytes([len(data)]) + data
         else:
             out.name(_labels(record.value))
 

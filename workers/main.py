@@ -65,7 +65,13 @@ class Worker:
         self.config = config
         self.log = logs.get_logger()
         self.loop = loop = Loop()
-        self.resolver = Resolver(loop, config.resolver.threads)
+        counters = WorkerCounters()
+        self.resolver = Resolver(
+            loop,
+            config.resolver,
+            connect_timeout=config.timeouts.connect,
+            counters=counters.dns,
+        )
         authenticator = (
             Authenticator(config.auth.users, self.resolver)
             if config.auth.method == "password"
@@ -78,7 +84,6 @@ class Worker:
             max_targets=config.egress.max_tracked_targets,
             log=self.log,
         )
-        counters = WorkerCounters()
         self.ctx = WorkerContext(
             loop=loop,
             config=config,

@@ -1,10 +1,17 @@
-"""Name resolution off the loop: `getaddrinfo` in a small thread pool.
+"""Names in requests to addresses, for the sessions of one worker; and its thread pool.
 
-Owns: the resolver threads and posting their results back to the loop.
-Must not: touch sessions' sockets; the answer goes to a callback on the loop thread.
+Owns: `resolve()`: a cached answer at once (`workers.dnscache`), else one lookup per
+name however many sessions ask meanwhile (coalesced), on the configured backend
+(`workers.cares`: c-ares on the worker's loop; or `getaddrinfo()` in the thread pool);
+the lookup's deadline (`resolver.timeout`, never past `timeouts.connect`); serve-stale
+when a refresh fails; naming each failure (`dns_nxdomain`, `dns_nodata`,
+`dns_servfail`, `dns_timeout`, ...); the DNS figures (`DnsCounters`); and the thread
+pool that what must block runs in (scrypt, and getaddrinfo with backend = "system").
+Must not: touch sessions' sockets or decide policy: the session checks the destination
+rules on every address, cached or not.
 
-`getaddrinfo` blocks (files, DNS, nsswitch), so it never runs on the loop thread. A
-session that closes while its lookup runs simply ignores the late answer.
+A callback gets `(addresses, None)` or `(None, reason)`, on the loop thread, exactly
+once; for a cached name before `resolve()` returns.
 """
 
 from __future__ import annotations
@@ -14,39 +21,122 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from workers.loop import Loop
+from socksd.config import ResolverConfig
+from workers.cares import CaresBackend
+from workers.counters import DnsCounters
+from workers.dnscache import DnsCache, Entry, Ips
+from workers.hostsfile import HostsFile
+from workers.loop import Loop, Timer
 
-# (family, sockaddr) pairs as getaddrinfo returns them, duplicates removed, order kept.
+# (family, sockaddr) pairs, IPv4 first, for the session to connect to.
 Addresses = list[tuple[socket.AddressFamily, tuple[Any, ...]]]
-ResolveCallback = Callable[[Addresses | None, BaseException | None], None]
-
-
-def _lookup(host: str, port: int) -> Addresses:
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-    seen: set[tuple[Any, ...]] = set()
-    out: Addresses = []
-    for family, _type, _proto, _canon, sockaddr in infos:
-        if family not in (socket.AF_INET, socket.AF_INET6):
-            continue
-        key = (family, sockaddr[:2])
-        if key in seen:
-            continue
-        seen.add(key)
-        out.append((family, sockaddr[:2]))
-    return out
+ResolveCallback = Callable[[Addresses | None, str | None], None]
+# Failures after which an expired answer is served instead (RFC 8767 section 4): the
+# name's servers did not answer usefully, which says nothing about the name.
+_STALE_ON = frozenset({"dns_servfail", "dns_timeout", "dns_refused", "dns_unreachable"})
+# Negative answers: the name (or its records of any family) does not exist.
+_NEGATIVE = frozenset({"dns_nxdomain", "dns_nodata"})
+# getaddrinfo() errors (backend = "system") by the reason they mean.
+_GAI_REASONS = {
+    socket.EAI_NONAME: "dns_nxdomain",
+    getattr(socket, "EAI_NODATA", -5): "dns_nodata",
+    socket.EAI_AGAIN: "dns_servfail",
+}
 
 
 class Resolver:
-    """Runs lookups in threads and delivers results on the loop thread."""
+    """A worker's names: cache, coalescing, deadlines, backend; see the module docstring."""
 
-    def __init__(self, loop: Loop, threads: int) -> None:
+    def __init__(
+        self, loop: Loop, config: ResolverConfig, *, connect_timeout: float, counters: DnsCounters
+    ) -> None:
         self._loop = loop
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="resolver")
+        self._pool = ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="pool")
+        self._timeout = min(config.timeout, connect_timeout)
+        self._system = config.backend == "system"
+        self._cares = None if self._system else CaresBackend(loop, config, self._timeout)
+        self._hosts = None if self._system else HostsFile()
+        self._cache = DnsCache(
+            size=config.cache_size,
+            min_ttl=config.min_ttl,
+            max_ttl=config.max_ttl,
+            negative_ttl=config.negative_ttl,
+            stale_ttl=config.stale_ttl,
+        )
+        self._lookups: dict[str, _Lookup] = {}  # name -> the lookup under way
+        self._max_ttl = config.max_ttl
+        self.counters = counters
 
     def resolve(self, host: str, port: int, callback: ResolveCallback) -> None:
-        """Resolve `host` for TCP; `callback(addresses, error)` runs on the loop."""
-        future = self._pool.submit(_lookup, host, port)
-        future.add_done_callback(lambda f: self._loop.call_soon_threadsafe(_deliver, f, callback))
+        """Resolve `host` for a TCP connect to `port`; see the module docstring."""
+        name = host.lower()
+        counters = self.counters
+        hosts = self._hosts
+        if hosts is not None:
+            ips = hosts.get(name, self._loop.now)
+            if ips is not None:  # /etc/hosts first, as the system resolver ("files dns")
+                counters.hits += 1
+                _call(callback, [(family, (ip, port)) for family, ip in ips], None)
+                return
+        entry = self._cache.fresh(name, self._loop.now)
+        if entry is not None:
+            counters.hits += 1
+            _answer(callback, entry, port)
+            return
+        lookup = self._lookups.get(name)
+        if lookup is not None:
+            counters.coalesced += 1
+            lookup.waiters.append((port, callback))
+            return
+        counters.misses += 1
+        numeric = _numeric(host)
+        if numeric is not None:
+            # An address written as a name ("127.1", "2130706433"): what getaddrinfo()
+            # makes of it, without a query, so the destination rules see the address.
+            _answer(
+                callback, self._cache.answer(name, numeric, self._max_ttl, self._loop.now), port
+            )
+            return
+        counters.lookups += 1
+        lookup = self._lookups[name] = _Lookup(self, name, self._loop.now, port, callback)
+        if self._cares is not None:
+            self._cares.lookup(host, lookup.done)
+        else:
+            future = self._pool.submit(_getaddrinfo, host)
+            future.add_done_callback(
+                lambda f: self._loop.call_soon_threadsafe(_deliver, f, lookup.done_system)
+            )
+        if not lookup.finished:
+            lookup.timer = self._loop.call_later(self._timeout, lookup.expired)
+
+    def _finish(self, lookup: _Lookup, ips: Ips, ttl: float, reason: str | None) -> None:
+        """The lookup's outcome: cache it, count it, answer every waiter."""
+        now = self._loop.now
+        counters = self.counters
+        if self._lookups.get(lookup.name) is lookup:
+            del self._lookups[lookup.name]
+        if reason is None:
+            entry: Entry | None = self._cache.answer(lookup.name, ips, ttl, now)
+        else:
+            counters.failed(reason)
+            entry = None
+            if reason in _NEGATIVE:
+                entry = self._cache.failure(lookup.name, reason, now)
+            elif reason in _STALE_ON:
+                entry = self._cache.stale(lookup.name, now)
+                if entry is not None:
+                    counters.stale += 1
+        for port, callback in lookup.waiters:
+            if entry is not None:
+                _answer(callback, entry, port)
+            else:
+                _call(callback, None, reason)
+
+    def late(self, lookup: _Lookup, ips: Ips, ttl: float) -> None:
+        """An answer after the lookup's deadline: nobody waits, but the next asks may
+        use it."""
+        if ips:
+            self._cache.answer(lookup.name, ips, ttl, self._loop.now)
 
     def run_blocking(
         self, fn: Callable[..., Any], callback: Callable[..., None], *args: Any
@@ -59,7 +149,96 @@ class Resolver:
         future.add_done_callback(lambda f: self._loop.call_soon_threadsafe(_deliver, f, callback))
 
     def close(self) -> None:
+        if self._cares is not None:
+            self._cares.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _Lookup:
+    """One name being looked up, and the sessions waiting for it."""
+
+    __slots__ = ("_resolver", "name", "started", "waiters", "timer", "finished")
+
+    def __init__(
+        self, resolver: Resolver, name: str, now: float, port: int, callback: ResolveCallback
+    ) -> None:
+        self._resolver = resolver
+        self.name = name
+        self.started = now
+        self.waiters: list[tuple[int, ResolveCallback]] = [(port, callback)]
+        self.timer: Timer | None = None
+        self.finished = False
+
+    def done(self, ips: Ips, ttl: float, reason: str | None) -> None:
+        """The backend's answer (c-ares: on the loop, maybe within `lookup()`)."""
+        if self.finished:
+            self._resolver.late(self, ips, ttl)
+            return
+        self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        resolver = self._resolver
+        resolver.counters.took(resolver._loop.now - self.started)
+        resolver._finish(self, ips, ttl, reason)
+
+    def done_system(self, result: Ips | None, error: BaseException | None) -> None:
+        """getaddrinfo()'s answer from the pool (no TTL: kept for resolver.min_ttl)."""
+        if error is not None or not result:
+            code = getattr(error, "errno", None)
+            self.done((), 0.0, _GAI_REASONS.get(code, "dns_error") if error else "dns_nodata")
+            return
+        self.done(result, 0.0, None)
+
+    def expired(self) -> None:
+        """`resolver.timeout` passed without an answer."""
+        self.timer = None
+        if not self.finished:
+            self.finished = True
+            self._resolver._finish(self, (), 0.0, "dns_timeout")
+
+
+def _answer(callback: ResolveCallback, entry: Entry, port: int) -> None:
+    if entry.reason is not None:
+        _call(callback, None, entry.reason)
+    else:
+        _call(callback, [(family, (ip, port)) for family, ip in entry.ips], None)
+
+
+def _call(callback: ResolveCallback, addresses: Addresses | None, reason: str | None) -> None:
+    """Answer one waiter; a failure in it is its owner's (a session closes itself), not
+    the lookup's: the other waiters are still answered."""
+    try:
+        callback(addresses, reason)
+    except Exception as exc:
+        on_crash = getattr(getattr(callback, "__self__", None), "on_crash", None)
+        if on_crash is None:
+            raise
+        on_crash(exc)
+
+
+def _numeric(host: str) -> Ips | None:
+    """The address a numeric host names, as getaddrinfo() reads it (inet_aton's forms
+    for IPv4: "127.1", "0x7f000001", "2130706433", "0177.0.0.1"); None for a name."""
+    try:
+        if ":" in host:
+            packed = socket.inet_pton(socket.AF_INET6, host)
+            return ((socket.AF_INET6, socket.inet_ntop(socket.AF_INET6, packed)),)
+        if host[-1].isdigit():
+            return ((socket.AF_INET, socket.inet_ntoa(socket.inet_aton(host))),)
+    except OSError:
+        pass
+    return None
+
+
+def _getaddrinfo(host: str) -> Ips:
+    """The system resolver (NSS: files, dns, ...), in a pool thread; IPv4 first."""
+    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    seen: dict[tuple[socket.AddressFamily, str], None] = {}
+    for family, _type, _proto, _canon, sockaddr in infos:
+        if family in (socket.AF_INET, socket.AF_INET6):
+            seen[(family, str(sockaddr[0]))] = None
+    return tuple(sorted(seen, key=lambda item: item[0] != socket.AF_INET))
 
 
 def _deliver(future: Future[Any], callback: Callable[..., None]) -> None:

@@ -419,13 +419,12 @@ class Session:
 
     # -- CONNECT ----------------------------------------------------------------------
 
-    def _on_resolved(self, addresses: Any, error: BaseException | None) -> None:
+    def _on_resolved(self, addresses: Any, failure: str | None) -> None:
         if self.phase is not _RESOLVING:
             return  # timed out or closed while the resolver ran
-        if error is not None or not addresses:
-            self._reply_failure(
-                Reply.HOST_UNREACHABLE, "name_not_resolved", error=str(error) if error else None
-            )
+        if failure is not None or not addresses:
+            # dns_nxdomain, dns_nodata, dns_servfail, dns_timeout, ... (workers.resolver)
+            self._reply_failure(Reply.HOST_UNREACHABLE, failure or "dns_nodata")
             return
         self._start_connecting(addresses)
 

@@ -199,7 +199,7 @@ class UdpAssociation:
         self._resolving[host] = [(port, data)]
         self._ctx.resolver.resolve(host, port, lambda a, e: self._resolved(host, a, e))
 
-    def _resolved(self, host: str, addresses: Any, error: BaseException | None) -> None:
+    def _resolved(self, host: str, addresses: Any, error: str | None) -> None:
         queue = self._resolving.pop(host, [])
         if self.closed:
             return

@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from tests.dnsserver import DNSServer
+
 TIMEOUT = 10.0
 LOOPBACK_TARGETS_RULE = """
 [[access.destinations]]
@@ -29,6 +31,17 @@ action = "allow"
 to = ["127.0.0.0/8", "::1/128"]
 """
 REPO = Path(__file__).resolve().parents[2]
+_DNS: DNSServer | None = None
+
+
+def loopback_nameserver() -> str:
+    """The loopback DNS server every socksd of the tests asks unless its config names
+    another: it knows no name (NXDOMAIN), so no test's lookup leaves this machine and
+    /etc/hosts (localhost) answers as usual. Started once per test process."""
+    global _DNS  # noqa: PLW0603 - one server per test process, started on first use
+    if _DNS is None:
+        _DNS = DNSServer().start()
+    return _DNS.nameserver
 
 
 class Socksd:
@@ -47,6 +60,8 @@ class Socksd:
         self.control_path = tmp / f"control-{stamp}.sock"
         if "[control]" not in config_text:
             config_text += f'\n[control]\nsocket = "{self.control_path}"\n'
+        if "[resolver]" not in config_text:
+            config_text += f'\n[resolver]\nnameservers = ["{loopback_nameserver()}"]\n'
         if allow_loopback_targets:
             # Tests reach their targets on loopback, which socksd denies by default: they
             # opt in explicitly, after any rule of their own (first match wins).

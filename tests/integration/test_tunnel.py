@@ -155,7 +155,7 @@ def _refused_port() -> int:
     ("host", "port", "code", "reason"),
     [
         ("127.0.0.1", None, 0x05, "econnrefused"),
-        ("no-such-host.invalid", 80, 0x04, "name_not_resolved"),
+        ("no-such-host.invalid", 80, 0x04, "dns_nxdomain"),
     ],
 )
 def test_failure_replies(proxy, host, port, code, reason):

@@ -116,6 +116,8 @@ egress_udp_sockets
 egress_target_open_sockets egress_target_recent_closes egress_target_pressure
 egress_target_exhausted_total
 time_wait_sockets time_wait_pair_sockets time_wait_pair_pressure
+dns_lookups_total dns_cache_hits_total dns_cache_misses_total dns_coalesced_total
+dns_stale_answers_total dns_failures_total dns_lookup_seconds
 """
 
 
@@ -225,7 +227,7 @@ def parse(text: str) -> dict[str, ParsedFamily]:
             else:
                 if fam.type is not None or fam.samples or current != name:
                     raise ExpositionError(f"second or misplaced TYPE for {name}")
-                if rest not in ("counter", "gauge"):
+                if rest not in ("counter", "gauge", "histogram"):
                     raise ExpositionError(f"unexpected type {rest!r} for {name}")
                 fam.type = rest
             continue
@@ -238,11 +240,21 @@ def parse(text: str) -> dict[str, ParsedFamily]:
             labels, i = _parse_labels(line, i)
         if line[i : i + 1] != " " or " " in line[i + 1 :]:
             raise ExpositionError(f"expected exactly one value (no timestamp): {line!r}")
-        if name != current or families[name].type is None:
+        family_name = name
+        if current is not None and families[current].type == "histogram":
+            # A histogram's samples: NAME_bucket{le=...}, NAME_sum, NAME_count.
+            suffix = name[len(current) :] if name.startswith(current) else ""
+            if suffix not in ("_bucket", "_sum", "_count"):
+                raise ExpositionError(f"sample {name} is not one of histogram {current}'s")
+            if (suffix == "_bucket") != any(k == "le" for k, _ in labels):
+                raise ExpositionError(f"le label on {name}: only and always on _bucket")
+            family_name = current
+            labels = ((" sample", suffix), *labels)
+        if family_name != current or families[family_name].type is None:
             raise ExpositionError(f"sample {name} outside its declared family block")
-        if labels in families[name].samples:
+        if labels in families[family_name].samples:
             raise ExpositionError(f"duplicate series {name}{labels}")
-        families[name].samples[labels] = _parse_value(line[i + 1 :])
+        families[family_name].samples[labels] = _parse_value(line[i + 1 :])
     return families
 
 
@@ -410,3 +422,35 @@ def test_non_numeric_value_is_a_bug() -> None:
     agg["workers"][0]["counters"] = {**COUNTERS, "accepted": "10"}
     with pytest.raises(TypeError, match="accepted|'10'"):
         render(agg)
+
+
+def test_dns_figures_per_worker_with_a_cumulative_latency_histogram() -> None:
+    dns = {
+        "lookups": 7,
+        "hits": 90,
+        "misses": 7,
+        "coalesced": 3,
+        "stale": 1,
+        "failures": {"dns_nxdomain": 2, "dns_timeout": 1},
+        "latency_ms": {"1": 2, "5": 3, "inf": 2},
+        "latency_s_total": 12.5,
+    }
+    agg = {"workers": [{"slot": 0, "gen": 1, "alive": True, "counters": {"dns": dns}}]}
+    fams = parse(render(agg))
+    w = {"worker": "0"}
+    assert _value(fams, "dns_lookups_total", **w) == 7
+    assert _value(fams, "dns_cache_hits_total", **w) == 90
+    assert _value(fams, "dns_cache_misses_total", **w) == 7
+    assert _value(fams, "dns_coalesced_total", **w) == 3
+    assert _value(fams, "dns_stale_answers_total", **w) == 1
+    assert _value(fams, "dns_failures_total", reason="dns_nxdomain", **w) == 2
+    hist = fams[PREFIX + "dns_lookup_seconds"]
+    assert hist.type == "histogram"
+    buckets = {
+        dict(labels)["le"]: value
+        for labels, value in hist.samples.items()
+        if dict(labels)[" sample"] == "_bucket"
+    }
+    assert buckets == {"0.001": 2, "0.005": 5, "+Inf": 7}  # cumulative, seconds
+    totals = {dict(k)[" sample"]: v for k, v in hist.samples.items() if "le" not in dict(k)}
+    assert totals == {"_sum": 12.5, "_count": 7}

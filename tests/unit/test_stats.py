@@ -344,6 +344,19 @@ def test_aggregate_of_two_workers_a_vacant_slot_and_retired_counters():
         time_wait=TimeWaitSample(total=6, by_pair=(("192.0.2.1", "198.51.100.1:443", 5),)),
         now=1000.0,
     )
+    # The DNS summary (added after the move) follows the old keys; these workers
+    # reported no DNS figures.
+    assert agg.pop("dns") == {  # type: ignore[misc]
+        "lookups": 0,
+        "hits": 0,
+        "misses": 0,
+        "coalesced": 0,
+        "stale": 0,
+        "failures": {},
+        "hit_ratio": None,
+        "latency_p50_ms": None,
+        "latency_p99_ms": None,
+    }
     assert orjson.dumps(agg) == orjson.dumps(EXPECTED)  # same keys, same order
     assert 'socksd_worker_up{worker="2"} 0' in render(agg)
 
@@ -366,3 +379,21 @@ def test_aggregate_of_nothing_has_every_key():
     }
     assert agg["total"] == {"counters": {}, "gauges": {}}
     assert [w["alive"] for w in agg["workers"]] == [False]
+
+
+def test_dns_summary_sums_and_reads_percentiles_off_the_histogram():
+    dns = {
+        "lookups": 10,
+        "hits": 80,
+        "misses": 10,
+        "coalesced": 10,
+        "stale": 1,
+        "failures": {"dns_timeout": 1},
+        "latency_ms": {"2": 50, "10": 45, "500": 4, "inf": 1},
+    }
+    summary = stats.dns_summary(dns)
+    assert summary["hit_ratio"] == 0.8
+    assert summary["latency_p50_ms"] == 2.0  # half of 100 lookups took <= 2 ms
+    assert summary["latency_p99_ms"] == 500.0
+    assert stats.latency_percentile({"inf": 3}, 0.5) is None  # above the last bound
+    assert stats.latency_percentile({}, 0.5) is None
