@@ -239,6 +239,12 @@ def check_nofile(limits: NofileLimits, config: Config) -> list[tuple[str, dict[s
     shape = (len(config.listen), config.resolver.threads, config.relay_splice)
     needed = nofile_needed(wanted, *shape)
     if limits.soft < needed:
+        fix = (
+            "raise the hard limit: LimitNOFILE=N in the systemd unit, or ulimit -Hn N "
+            "(as root) / nofile in limits.conf before starting socksd"
+        )
+        if tunnel_limit:
+            fix += "; or lower limits.max_tunnels[_per_worker] to tunnels_within_limit"
         warnings.append(
             (
                 "nofile_limit_low",
@@ -250,9 +256,7 @@ def check_nofile(limits: NofileLimits, config: Config) -> list[tuple[str, dict[s
                     "tunnels_within_limit": tunnels_within(limits.soft, *shape),
                     "why": "a tunnel holds 2 fds: past tunnels_within_limit a worker stops "
                     "accepting (accept_paused, errno emfile) short of tunnels_wanted",
-                    "fix": "raise the hard limit: LimitNOFILE=N in the systemd unit, or "
-                    "ulimit -Hn N (as root) / nofile in limits.conf before starting socksd; "
-                    "or lower limits.max_tunnels_per_worker",
+                    "fix": fix,
                 },
             )
         )

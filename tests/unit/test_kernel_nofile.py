@@ -63,6 +63,7 @@ def test_no_tunnel_limit_warns_below_the_floor():
     assert low["nofile_needed"] == 20_561
     assert low["tunnels_within_limit"] == (4096 - 561) // 2
     assert "LimitNOFILE=" in low["fix"] and "ulimit -Hn" in low["fix"]
+    assert "max_tunnels" not in low["fix"]  # no limit to lower
     assert check_nofile(_limits(20_561), config) == []
     assert check_nofile(_limits(1_048_576), config) == []
     assert check_nofile(_limits(INF), config) == []
@@ -75,6 +76,7 @@ def test_configured_tunnel_limit_sets_the_need():
     low = _events(_limits(65536), high)["nofile_limit_low"]
     assert low["worker_tunnel_limit"] == low["tunnels_wanted"] == 100_000
     assert low["nofile_needed"] == 200_561
+    assert "lower limits.max_tunnels" in low["fix"]
     assert check_nofile(_limits(1_048_576), high) == []
     # A proxy-wide figure is split per worker (2 workers here), like the limit itself.
     split = _config("[limits]\nmax_tunnels = 8000\n")
