@@ -1,6 +1,7 @@
 """The supervisor: one worker process per slot on shared SO_REUSEPORT listeners.
 
 Owns: listeners (opened before any fork, kept open so no accept queue is ever reset),
+raising the soft fd limit first (through socksd.kernel) so every worker inherits it,
 forking and replacing workers, generations on reload, signals, reading the workers'
 stats pipes, the control socket, systemd notifications.
 Must not: know SOCKS, or what a stats line holds and how figures are summed
@@ -41,7 +42,7 @@ from socksd.control import (
     open_metrics_socket,
 )
 from socksd.errors import EXIT_BOOT, EXIT_OK, SocksdError
-from socksd.kernel import check, read_kernel_settings
+from socksd.kernel import check, check_nofile, raise_nofile_soft, read_kernel_settings
 from socksd.listeners import close_all, describe, grow_slots, open_slot_listeners
 from socksd.signals import SignalPipe
 from socksd.stats import Aggregate, SupervisorFacts, WorkerView, add_counters
@@ -108,6 +109,8 @@ class Supervisor:
             SocksdError: a listen, control or metrics address cannot be opened.
         """
         self.config = config
+        # Before any fd is opened or worker forked: the workers inherit the raised limit.
+        self.nofile = raise_nofile_soft()
         self._load = load
         self._entry = entry
         self.log = logs.get_logger()
@@ -206,6 +209,10 @@ class Supervisor:
             workers=new.worker_count,
             draining=len(old),
         )
+        # The new limits may need more fds than the (unchanged) fd limit gives.
+        for event, fields in check_nofile(self.nofile, new):
+            if event == "nofile_limit_low":
+                self.log.warning(event, **fields)
 
     def _listeners_for(self, new: Config) -> dict[ListenAddress, list[socket.socket]]:
         """The slot sockets `new` needs, reusing ours; on error close only what it opened."""
@@ -510,8 +517,9 @@ class Supervisor:
         setproctitle.setproctitle(f"socksd: supervisor [{self.config.source}]")
         self.wake.install()
         settings = read_kernel_settings()
-        self.log.info("kernel_settings", **settings.as_log())
-        for event, fields in check(settings, self._bound_addresses()):
+        self.log.info("kernel_settings", **settings.as_log(), **self.nofile.as_log())
+        warnings = check(settings, self._bound_addresses()) + check_nofile(self.nofile, self.config)
+        for event, fields in warnings:
             self.log.warning(event, **fields)
         try:
             while self.stopping is None or self.procs:

@@ -311,7 +311,12 @@ def test_kernel_settings_event_and_warnings(lab):
     quiet = lab.socksd(config(["127.0.0.1:1081", "127.0.0.2:1080"]))
     quiet.wait_for("kernel_settings")
     # 1081 is in the range and not reserved; 1080 is reserved; both loopback.
-    warnings = [e["event"] for e in quiet.events if e.get("level") == "warning"]
+    # (The fd-limit warnings follow the test host's ulimit, not these sysctls.)
+    warnings = [
+        e["event"]
+        for e in quiet.events
+        if e.get("level") == "warning" and not e["event"].startswith("nofile_")
+    ]
     assert warnings == ["listen_port_in_ephemeral_range"]
 
 

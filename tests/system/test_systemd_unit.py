@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from socksd import kernel
-from socksd.config import ListenAddress
+from socksd.config import ListenAddress, load_config
 from socksd.errors import EXIT_BOOT, EXIT_CONFIG
 from tests.conftest import need
 
@@ -121,6 +121,19 @@ def test_unit_matches_socksd_contract():
     assert d["Service.ExecStartPre"][0].startswith(f"{INSTALLED_BINARY} --check-config ")
     families = set(d["Service.RestrictAddressFamilies"][0].split())
     assert families == {"AF_INET", "AF_INET6", "AF_UNIX", "AF_NETLINK"}
+
+
+def test_unit_fd_limit_needs_no_raise_and_earns_no_warning():
+    """LimitNOFILE= is one value (soft = hard: socksd has nothing to raise under the unit)
+    that carries a worker of the reference config past the tunnel floor."""
+    [value] = _directives(UNIT.read_text())["Service.LimitNOFILE"]
+    assert ":" not in value, "soft and hard alike: socksd only raises soft to hard"
+    limit = int(value)
+    assert kernel.nofile_soft_target(limit, limit) is None
+    limits = kernel.NofileLimits(soft_at_start=limit, soft=limit, hard=limit)
+    for config in (load_config(None), load_config(ROOT / "etc" / "socksd.toml")):
+        assert config.worker_tunnel_limit() == 0  # so the floor is what is checked
+        assert kernel.check_nofile(limits, config) == []
 
 
 _SYSCTL_LINE = re.compile(r"^(?P<key>[a-z0-9_.]+)\s*=\s*(?P<value>\S(?:.*\S)?)$")
