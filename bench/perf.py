@@ -1,7 +1,13 @@
 """Performance benchmark: socksd against microsocks, pproxy and no proxy, per core.
 
-    sudo /work/venv/bin/python bench/perf.py [--runs 3] [--quick] [--workers 1,2] [--json out.json]
-        [--floor] [--splice-relay]
+    sudo python bench/perf.py [--runs 3] [--quick] [--workers 1,2] [--json out.json]
+        [--floor] [--splice-relay] [--against REV ...] [--only rate,rss,bulk,udp,sustained]
+        [--baselines microsocks,pproxy,noproxy|none] [--namespaces shared|per-column]
+        [--tunnels N]
+
+    A/B of two revisions' tunnel rate (a few minutes: 10 rounds of 20,000 tunnels each):
+    sudo python bench/perf.py --workers 1 --against REV --only rate --baselines none \
+        --namespaces per-column --runs 10
 
 Root is needed (it creates a network namespace). Run it with the Python that has
 socksd's dependencies (the dev venv); `sudo python` may pick the system one. Baselines
@@ -70,8 +76,26 @@ socksd to it is the price of socksd's structure, not of Python.
 direction and blocking splice() through a 256 KiB pipe, no event loop and no Python.
 It is the ceiling of the splice method on the machine, read next to "no proxy": on
 loopback a relayed stream pays for a second TCP connection that a direct one does not.
+--against REV (repeatable) adds a column "socksd@REV": socksd/ and workers/ of git
+revision REV (`git archive`), started with the same Python and config as the first
+--workers column, interleaved with the other columns in every run (A, B, A, B, ...).
+--only keeps some figures (rate = tunnels/s, TTFB and proxy CPU per tunnel; the
+sustained run is a figure too), --baselines picks the baseline columns ("none": only
+socksd and its revisions).
 Per-run ratios: socksd / baseline within each run (measured minutes apart), median and
 range; steadier than the ratio of medians when the host drifts during a run.
+Per round (with the rate figure): every column's tunnels/s, proxy CPU (user + sys) per
+tunnel in us, failures, the TIME_WAIT sockets the columns before it left in the
+namespace, and its ratio to the first column (socksd, working tree) in that round; then
+the median of those ratios and their range. That is the figure for "no regression"
+between two revisions: CPU per tunnel is what a refactoring changes, tunnels/s also
+moves with the load side. /proc counts CPU in 10 ms ticks: over 20,000 tunnels
+(~2.5 s of proxy CPU) that is 0.4 %, over 2,000 it is 4 %. The first column of round
+1 starts in a fresh namespace while every later one follows another column's TIME_WAIT
+sockets: hence a median over several rounds, never one round. --namespaces per-column
+gives every column a namespace (and targets) of its own for the whole run, so each
+starts among its own TIME_WAIT sockets from its previous round only: the same for A
+and B, where a shared namespace makes each follow the other's.
 Ratios are socksd (the first --workers value) / baseline: above 1 is better for
 tunnels/s and MiB/s; below 1 is better for TTFB and RSS.
 """
@@ -79,6 +103,7 @@ tunnels/s and MiB/s; below 1 is better for TTFB and RSS.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -111,6 +136,10 @@ TARGET_LIFETIME_S = 3600  # the target exits by itself after this, whatever happ
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 LOAD_BOUND_PCT = 90  # load-side CPU at which a figure is flagged as possibly load-bound
 DISTURBED_PCT = 25  # CPU of the rest of the machine at which a figure is flagged
+# --only: tunnels/s (+TTFB, proxy CPU per tunnel), RSS per idle tunnel, MiB/s 1 and 8
+# streams, UDP echo, the sustained run.
+FIGURES = ("rate", "rss", "bulk", "udp", "sustained")
+BASELINES = ("microsocks", "pproxy", "noproxy")  # --baselines
 SYSCTLS = {
     "net.ipv4.tcp_tw_reuse": "1",
     "net.ipv4.tcp_timestamps": "1",
@@ -132,6 +161,8 @@ class Settings:
     sustained: int
     workers: tuple[int, ...]
     udp: int = 100000  # datagrams echoed through one UDP association per run
+    figures: tuple[str, ...] = FIGURES  # --only
+    namespaces: str = "shared"  # or "per-column": each column its own, for the whole run
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +176,7 @@ class Column:
     udp: bool = False  # measured with UDP ASSOCIATE (baselines without it: skipped)
     tunnels_only: bool = False  # the Python floor: no back-pressure, so no bulk or idle
     bulk_only: bool = False  # the C splice relay: a ceiling for the MiB/s figures only
+    src: str = "src"  # the directory under tmp it runs from: a socksd snapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +316,19 @@ def plan_cpus(workers: tuple[int, ...]) -> tuple[str | None, dict[int, str | Non
     return load, proxy, notes
 
 
+def socksd_config(tmp: Path, name: str, workers: int) -> Path:
+    """Write the config every socksd column runs with; `name` keeps its files apart."""
+    config = tmp / f"socksd-{name}.toml"
+    config.write_text(
+        f'listen = ["{HOST}:{PROXY_PORT}"]\nworkers = {workers}\n\n[log]\nlevel = "info"\n\n'
+        f'[control]\nsocket = "{tmp}/control-{name}.sock"\n\n'
+        # The targets live on loopback (in the bench's namespace): opt in to them.
+        # The rule check stays on the measured path.
+        '[[access.destinations]]\naction = "allow"\nto = ["127.0.0.0/8"]\n'
+    )
+    return config
+
+
 def make_columns(
     settings: Settings,
     tmp: Path,
@@ -291,27 +336,31 @@ def make_columns(
     proxy_cpus: dict[int, str | None],
     floor: bool = False,
     splice_relay: bool = False,
+    against: tuple[Revision, ...] = (),
+    baselines: tuple[str, ...] = BASELINES,
 ) -> tuple[list[Column], list[str]]:
     columns, notes = [], []
     for n in settings.workers:
-        config = tmp / f"socksd-w{n}.toml"
-        config.write_text(
-            f'listen = ["{HOST}:{PROXY_PORT}"]\nworkers = {n}\n\n[log]\nlevel = "info"\n\n'
-            f'[control]\nsocket = "{tmp}/control-w{n}.sock"\n\n'
-            # The targets live on loopback (in the bench's namespace): opt in to them.
-            # The rule check stays on the measured path.
-            '[[access.destinations]]\naction = "allow"\nto = ["127.0.0.0/8"]\n'
-        )
+        config = socksd_config(tmp, f"w{n}", n)
         argv: tuple[str, ...] = (python, "-m", "socksd", "--config", str(config))
         columns.append(Column(f"socksd-w{n}", f"socksd w={n}", argv, proxy_cpus[n], udp=True))
-    microsocks = shutil.which("microsocks")
+    # A revision runs with the first column's settings, so the two differ only in code.
+    first = settings.workers[0]
+    for rev in against:
+        config = socksd_config(tmp, rev.commit, first)
+        argv = (python, "-m", "socksd", "--config", str(config))
+        key = f"socksd@{rev.name}"
+        columns.append(Column(key, key, argv, proxy_cpus[first], udp=True, src=rev.src))
+    microsocks = shutil.which("microsocks") if "microsocks" in baselines else None
     if microsocks:
         argv = (microsocks, "-i", HOST, "-p", str(PROXY_PORT))
         columns.append(Column("microsocks", "microsocks", argv, proxy_cpus[0]))
-    else:
+    elif "microsocks" in baselines:
         notes.append("microsocks not installed (apt-get install microsocks): skipped")
     pproxy = shutil.which("pproxy", path=str(Path(python).parent)) or shutil.which("pproxy")
-    if pproxy:
+    if "pproxy" not in baselines:
+        pproxy = None
+    elif pproxy:
         argv = (pproxy, "-l", f"socks5://{HOST}:{PROXY_PORT}")
         columns.append(Column("pproxy", "pproxy", argv, proxy_cpus[0]))
     else:
@@ -322,9 +371,68 @@ def make_columns(
     if splice_relay:
         argv = (str(tmp / "splice_relay"), HOST, str(PROXY_PORT), str(TARGET_LIFETIME_S))
         columns.append(Column("splice", "C splice", argv, proxy_cpus[0], bulk_only=True))
-    columns.append(Column("none", "no proxy", (), None, udp=True))
-    notes.append("UDP echo: socksd and no proxy only (microsocks has no UDP ASSOCIATE)")
-    return columns, notes
+    if "noproxy" in baselines:
+        columns.append(Column("none", "no proxy", (), None, udp=True))
+    if "udp" in settings.figures:
+        notes.append("UDP echo: socksd and no proxy only (microsocks has no UDP ASSOCIATE)")
+    return _measurable(columns, settings.figures, notes), notes
+
+
+def _measurable(columns: list[Column], figures: tuple[str, ...], notes: list[str]) -> list[Column]:
+    """The columns that have a figure in --only: the floor has no MiB/s, the relay only."""
+    kept = []
+    for col in columns:
+        if col.bulk_only and "bulk" not in figures:
+            notes.append(f"{col.label}: MiB/s only, and --only leaves it out: skipped")
+        elif col.tunnels_only and "rate" not in figures:
+            notes.append(f"{col.label}: tunnels/s only, and --only leaves it out: skipped")
+        else:
+            kept.append(col)
+    return kept
+
+
+@dataclass(frozen=True, slots=True)
+class Revision:
+    """A git revision of socksd measured next to the working tree (--against)."""
+
+    name: str  # as given on the command line: the column is "socksd@NAME"
+    commit: str  # its full hash: names its files, and goes into the report
+    src: str  # the directory under tmp holding its socksd/ and workers/
+    digest: str  # of those files, like the working tree's snapshot digest
+
+
+def snapshot_revision(tmp: Path, name: str) -> Revision:
+    """Extract socksd/ and workers/ of git revision `name` into `tmp` (`git archive`).
+
+    The A/B of a refactoring needs the old code started exactly like the new: same
+    Python, same config, same namespace, in the same rounds; only the files differ.
+    """
+    out = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--verify", f"{name}^{{commit}}"],
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        sys.exit(f"perf: --against {name}: not a git revision here")
+    commit = out.stdout.strip()
+    src = f"src-{commit}"
+    (tmp / src).mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", commit, "socksd", "workers"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(tmp / src)], input=archive, check=True)
+    return Revision(name, commit, src, _digest(tmp / src))
+
+
+def _digest(src: Path) -> str:
+    """Digest of the .py files of socksd/ and workers/ under `src`."""
+    h = hashlib.sha256()
+    for package in ("socksd", "workers"):
+        for path in sorted((src / package).glob("*.py")):
+            h.update(f"{package}/{path.name}".encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def snapshot_socksd(tmp: Path) -> str:
@@ -333,13 +441,10 @@ def snapshot_socksd(tmp: Path) -> str:
     Others edit the working tree while a run takes minutes: every run of every column
     then measures the same code, and a half-saved edit cannot break a later start.
     """
-    h = hashlib.sha256()
     for package in ("socksd", "workers"):
         dest = tmp / "src" / package
         shutil.copytree(REPO / package, dest, ignore=shutil.ignore_patterns("__pycache__"))
-        for path in sorted(dest.glob("*.py")):
-            h.update(f"{package}/{path.name}".encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()[:12]
+    return _digest(tmp / "src")
 
 
 def _version(argv: list[str]) -> str:
@@ -353,12 +458,16 @@ def _version(argv: list[str]) -> str:
     return lines[0] if lines else ""
 
 
-def versions(python: str, columns: list[Column], digest: str) -> dict[str, str]:
+def versions(
+    python: str, columns: list[Column], digest: str, against: tuple[Revision, ...] = ()
+) -> dict[str, str]:
     commit = _version(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
     dirty = _version(["git", "-C", str(REPO), "status", "--porcelain", "socksd", "workers"])
     changes = " + uncommitted changes" if dirty not in ("", "?") else ""
+    revisions = {f"socksd@{r.name}": f"{r.commit[:12]}, snapshot {r.digest}" for r in against}
     return {
         "socksd": f"{commit}{changes}, snapshot {digest}",
+        **revisions,
         "python": _version([python, "-c", "import sys; print(sys.version.split()[0])"]),
         "microsocks": _version(["dpkg-query", "-W", "-f", "${Version}", "microsocks"]),
         "pproxy": next(
@@ -429,7 +538,7 @@ class Bench:
         with open(log, "wb") as out:
             pin = ["taskset", "-c", col.cpus] if col.cpus else []
             # `python -m` puts the cwd first on sys.path: socksd runs from the snapshot.
-            cwd = self.tmp / "src"
+            cwd = self.tmp / col.src
             proc = self.ns.popen([*pin, *col.argv], cwd=cwd, stdout=out, stderr=out)
         proxy = RunningProxy(proc, log)
         ready = self._socksd_ready if col.key.startswith("socksd") else self._port_open
@@ -459,6 +568,15 @@ class Bench:
             return sock.connect_ex((HOST, PROXY_PORT)) == 0
         finally:
             sock.close()
+
+    def time_wait(self) -> int:
+        """TCP sockets in TIME_WAIT in the namespace now (/proc/net/sockstat there)."""
+        out = self.ns.run(["cat", "/proc/net/sockstat"], capture_output=True, timeout=10)
+        for line in out.stdout.decode().splitlines():
+            if line.startswith("TCP:"):
+                fields = line.split()
+                return int(fields[fields.index("tw") + 1])
+        return -1
 
     def wait_quiet(self, proxy: RunningProxy | None) -> None:
         """Wait (at most 5 s) until the proxy and the targets have stopped using CPU."""
@@ -513,6 +631,10 @@ class Bench:
             # whether N workers scale even where the load has to share their cores.
             per_core = r["ok"] / cpu.proxy_s
             samples["tunnels_per_core_s"] = Sample(per_core, wall, cpu)
+        if proxy is not None and r["ok"]:
+            # The same, inverted: what an A/B of two revisions compares.
+            per_tunnel = cpu.proxy_s / r["ok"] * 1e6
+            samples["cpu_us_per_tunnel"] = Sample(per_tunnel, wall, cpu)
         return samples
 
     def bulk(self, proxy: RunningProxy | None, streams: int) -> Sample:
@@ -607,19 +729,21 @@ def run_column(bench: Bench, col: Column, run: int) -> dict[str, Sample]:
         if warm.value == 0:
             raise RuntimeError(f"{col.label}: no warm-up tunnel succeeded: {warm.failures}")
         samples: dict[str, Sample] = {}
-        if col.tunnels_only:
-            bench.wait_quiet(proxy)
-            samples.update(bench.tunnels(proxy, s.tunnels))
-            return samples
         if not col.bulk_only:
-            if proxy is not None:
+            if proxy is not None and "rss" in s.figures and not col.tunnels_only:
                 samples["rss_kib_per_idle"] = bench.idle_rss(proxy)
-            bench.wait_quiet(proxy)
-            samples.update(bench.tunnels(proxy, s.tunnels))
-        for streams in (1, 8):
+            if "rate" in s.figures:
+                bench.wait_quiet(proxy)
+                # What the column before left behind: every connect() pays for it.
+                tw = Sample(bench.time_wait(), 0, Cpu(0, 0, 0))
+                samples.update(bench.tunnels(proxy, s.tunnels))
+                samples["time_wait_at_start"] = tw
+        if col.tunnels_only:
+            return samples
+        for streams in (1, 8) if "bulk" in s.figures else ():
             bench.wait_quiet(proxy)
             samples[f"mib_s_{streams}"] = bench.bulk(proxy, streams)
-        if col.udp:
+        if col.udp and "udp" in s.figures:
             bench.wait_quiet(proxy)
             samples["udp_dgrams_s"] = bench.udp(proxy)
     finally:
@@ -639,6 +763,7 @@ def run_column(bench: Bench, col: Column, run: int) -> dict[str, Sample]:
 ROWS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
     ("tunnels_per_s", "tunnels/s", lambda v: f"{v:,.0f}"),
     ("tunnels_per_core_s", "tunnels/proxy CPU-s", lambda v: f"{v:,.0f}"),
+    ("cpu_us_per_tunnel", "proxy CPU us/tunnel", lambda v: f"{v:.1f}"),
     ("ttfb_p50_ms", "TTFB p50 ms", lambda v: f"{v:.2f}"),
     ("ttfb_p99_ms", "TTFB p99 ms", lambda v: f"{v:.2f}"),
     ("mib_s_1", "MiB/s 1 stream", lambda v: f"{v:,.0f}"),
@@ -721,6 +846,8 @@ def paired_ratios(
 
 
 def print_paired(paired: dict[str, dict[str, list[float]]]) -> None:
+    if not any(paired.values()):
+        return
     print("\nPer-run ratios (socksd / baseline in the same run): median [lowest-highest]")
     for name, metrics in paired.items():
         cells = [
@@ -730,12 +857,91 @@ def print_paired(paired: dict[str, dict[str, list[float]]]) -> None:
         print(f"  {name:20} " + "   ".join(cells))
 
 
+ROUND_METRICS = (("tunnels_per_s", "tunnels/s"), ("cpu_us_per_tunnel", "CPU/tunnel"))
+
+
+def round_ratios(
+    runs: dict[str, list[dict[str, Sample]]], columns: list[Column]
+) -> dict[str, dict[str, list[float | None]]]:
+    """Each column / the first column (socksd, working tree) within each round, in order.
+
+    The figure an A/B of two revisions quotes: both ran in the same round, seconds
+    apart, so a host that drifts from round to round moves both alike. None where a
+    side has no such figure (no proxy has no proxy CPU).
+    """
+    ref = runs[columns[0].key]
+    out: dict[str, dict[str, list[float | None]]] = {}
+    for col in columns[1:]:
+        out[col.key] = {
+            metric: [
+                a[metric].value / b[metric].value
+                if metric in a and metric in b and b[metric].value
+                else None
+                for a, b in zip(runs[col.key], ref, strict=False)
+            ]
+            for metric, _ in ROUND_METRICS
+        }
+    return out
+
+
+def _range(values: list[float | None]) -> str:
+    """'median [lowest-highest]' of the values present."""
+    got = sorted(v for v in values if v is not None)
+    if not got:
+        return "-"
+    return f"{statistics.median(got):.3f} [{got[0]:.3f}-{got[-1]:.3f}]"
+
+
+def print_rounds(
+    runs: dict[str, list[dict[str, Sample]]],
+    columns: list[Column],
+    by_round: dict[str, dict[str, list[float | None]]],
+) -> None:
+    """Every round's tunnels/s and proxy CPU per tunnel, then the median per-round ratio."""
+    ref = columns[0]
+    print(
+        f"\nPer round: tunnels/s, proxy CPU (user + sys) per tunnel, failures, and the "
+        f"ratio to {ref.label} (working tree) in the same round"
+    )
+    for r in range(len(runs[ref.key])):
+        for col in columns:
+            got = runs[col.key][r]
+            if "tunnels_per_s" not in got:
+                continue
+            rate = got["tunnels_per_s"]
+            cpu = got.get("cpu_us_per_tunnel")
+            line = (
+                f"  round {r + 1:<3} {col.label:18} {rate.value:9,.0f} tunnels/s "
+                + (f"{cpu.value:8.1f} us CPU/tunnel" if cpu else f"{'-':>8} us CPU/tunnel")
+                + f"  failures {sum(rate.failures.values())}"
+            )
+            if "time_wait_at_start" in got:
+                line += f"  TIME_WAIT at start {got['time_wait_at_start'].value:,.0f}"
+            if col.key in by_round:
+                cells = [
+                    f"{label} {v:.3f}" if (v := by_round[col.key][m][r]) is not None else ""
+                    for m, label in ROUND_METRICS
+                ]
+                line += f"   / {ref.label}: " + "  ".join(c for c in cells if c)
+            print(line)
+    print(
+        f"\nMedian of the per-round ratios to {ref.label} [lowest-highest] over "
+        f"{len(runs[ref.key])} rounds (tunnels/s above 1: faster than the working tree; "
+        "CPU/tunnel above 1: more CPU per tunnel than the working tree)"
+    )
+    for col in columns[1:]:
+        cells = [f"{label} {_range(by_round[col.key][m])}" for m, label in ROUND_METRICS]
+        print(f"  {col.label:18} " + "   ".join(cells))
+
+
 def print_table(columns: list[Column], summary: dict[str, Any], ratio: dict[str, Any]) -> None:
     med, fails = summary["medians"], summary["failures"]
     heads = [c.label for c in columns] + list(ratio)
     width = max(13, *(len(h) + 2 for h in heads))
     print(f"\n{'':22}" + "".join(f"{h:>{width}}" for h in heads))
     for metric, label, fmt in ROWS:
+        if not any(metric in med[c.key] for c in columns):
+            continue  # a figure --only left out
         cells = [fmt(med[c.key][metric]) if metric in med[c.key] else "-" for c in columns]
         cells += [f"{r[metric]:.2f}" if metric in r else "-" for r in ratio.values()]
         print(f"{label:22}" + "".join(f"{c:>{width}}" for c in cells))
@@ -751,6 +957,8 @@ def print_table(columns: list[Column], summary: dict[str, Any], ratio: dict[str,
     )
     print(f"{'':22}" + "".join(f"{c.label:>{width}}" for c in columns))
     for metric, label in CPU_ROWS:
+        if not any(metric in summary["cpu_pct"][c.key] for c in columns):
+            continue
         cells = []
         for c in columns:
             got = summary["cpu_pct"][c.key].get(metric)
@@ -816,12 +1024,43 @@ def parse_args() -> tuple[argparse.Namespace, Settings]:
         action="store_true",
         help="add bench/splice_relay.c (a minimal C splice relay) as a MiB/s-only column",
     )
+    ap.add_argument(
+        "--against",
+        action="append",
+        default=[],
+        metavar="REV",
+        help="also run socksd from git revision REV (repeatable), same config as the first "
+        "--workers column, interleaved with the others in every run",
+    )
+    ap.add_argument(
+        "--only",
+        metavar="FIGURES",
+        help=f"measure only these figures, comma-separated from {','.join(FIGURES)} "
+        "(e.g. --only rate: tunnels/s, TTFB and proxy CPU per tunnel)",
+    )
+    ap.add_argument(
+        "--baselines",
+        default=",".join(BASELINES),
+        metavar="LIST",
+        help=f"baseline columns, comma-separated from {','.join(BASELINES)}, or none "
+        "(default: all)",
+    )
+    ap.add_argument(
+        "--namespaces",
+        choices=("shared", "per-column"),
+        default="shared",
+        help="one namespace for all columns (default), or one per column for the whole "
+        "run, so that no column inherits another's TIME_WAIT sockets",
+    )
     ap.add_argument("--keep-logs", action="store_true", help="keep the temp dir and its logs")
     args = ap.parse_args()
     quick = args.quick
     workers = tuple(int(w) for w in args.workers.split(",") if w.strip())
     if not workers or min(workers) < 1:
         ap.error("--workers takes positive numbers, e.g. 1,2")
+    figures = _choice_list(ap, "--only", args.only or ",".join(FIGURES), FIGURES)
+
+    args.baselines = _choice_list(ap, "--baselines", args.baselines, BASELINES)
     settings = Settings(
         runs=args.runs or (1 if quick else 3),
         tunnels=args.tunnels or (2000 if quick else 20000),
@@ -832,8 +1071,21 @@ def parse_args() -> tuple[argparse.Namespace, Settings]:
         sustained=args.sustained if args.sustained is not None else (6000 if quick else 60000),
         udp=10000 if quick else 100000,
         workers=workers,
+        figures=figures,
+        namespaces=args.namespaces,
     )
     return args, settings
+
+
+def _choice_list(
+    ap: argparse.ArgumentParser, option: str, text: str, choices: tuple[str, ...]
+) -> tuple[str, ...]:
+    """Parse 'a,b' against `choices` ('none' = empty), kept in the order of `choices`."""
+    got = {w.strip() for w in text.split(",") if w.strip()} - {"none"}
+    unknown = got - set(choices)
+    if unknown:
+        ap.error(f"{option}: unknown {', '.join(sorted(unknown))}; choose from {choices}")
+    return tuple(c for c in choices if c in got)
 
 
 def preflight(args: argparse.Namespace, settings: Settings) -> tuple[Settings, list[str]]:
@@ -851,7 +1103,7 @@ def preflight(args: argparse.Namespace, settings: Settings) -> tuple[Settings, l
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     idle = min(settings.idle, (hard - FD_MARGIN) // 2)
-    if idle == settings.idle:
+    if idle == settings.idle or "rss" not in settings.figures:
         return settings, []
     note = (
         f"RSS/idle tunnel at N = {idle:,} held tunnels, not {settings.idle:,}: "
@@ -861,23 +1113,46 @@ def preflight(args: argparse.Namespace, settings: Settings) -> tuple[Settings, l
     return Settings(**{**asdict(settings), "idle": idle}), [note]
 
 
+def _benches(
+    stack: contextlib.ExitStack,
+    tmp: Path,
+    settings: Settings,
+    columns: list[Column],
+    load_cpus: str | None,
+) -> dict[str, Bench]:
+    """The namespace (with its targets) each column runs in, closed with `stack`.
+
+    Shared, a column starts among the TIME_WAIT sockets of the columns before it (tens
+    of thousands per tunnels/s figure, 60 s each), and their number grows over the run.
+    Per column, each inherits only its own from its previous round: the same for A
+    and B by construction, which an A/B of two revisions wants.
+    """
+
+    def new() -> Bench:
+        return Bench(stack.enter_context(NetNS("perf")), tmp, settings, load_cpus)
+
+    if settings.namespaces == "per-column":
+        return {c.key: new() for c in columns}
+    return dict.fromkeys((c.key for c in columns), new())
+
+
 def measure_all(
     tmp: Path, settings: Settings, columns: list[Column], load_cpus: str | None
 ) -> tuple[dict[str, list[dict[str, Sample]]], dict[str, Any] | None]:
     """Every run of every column, then the sustained run."""
     runs: dict[str, list[dict[str, Sample]]] = {c.key: [] for c in columns}
-    with NetNS("perf") as ns:
-        bench = Bench(ns, tmp, settings, load_cpus)
+    with contextlib.ExitStack() as stack:
+        benches = _benches(stack, tmp, settings, columns, load_cpus)
         for run in range(1, settings.runs + 1):
             for col in columns:  # interleaved, so a drift hits every column alike
                 t0 = time.monotonic()
-                samples = run_column(bench, col, run)
+                samples = run_column(benches[col.key], col, run)
                 runs[col.key].append(samples)
                 figures = " ".join(f"{m}={s.value:,.2f}" for m, s in samples.items())
                 took = time.monotonic() - t0
                 print(f"run {run}/{settings.runs} {col.label:12} {figures}  ({took:.0f} s)")
     sus = None
-    if settings.sustained:
+    if settings.sustained and "sustained" in settings.figures:
         with NetNS("perf") as ns:  # fresh: no TIME_WAIT left over from the runs above
             bench = Bench(ns, tmp, settings, load_cpus)
             sus = sustained(bench, columns[0])
@@ -887,8 +1162,14 @@ def measure_all(
 def print_extras(
     columns: list[Column], summary: dict[str, Any], sus: Any, settings: Settings
 ) -> None:
-    # warm-up + idle + the tunnels figure + the 1 + 8 bulk streams
-    tunnels_per_run = settings.warmup + settings.idle + settings.tunnels + 9
+    # warm-up + idle + the tunnels figure + the 1 + 8 bulk streams, as far as measured
+    figures = settings.figures
+    tunnels_per_run = (
+        settings.warmup
+        + (settings.idle if "rss" in figures else 0)
+        + (settings.tunnels if "rate" in figures else 0)
+        + (9 if "bulk" in figures else 0)
+    )
     for c in columns:
         lines = summary["medians"][c.key].get("tunnel_closed_lines")
         if lines is not None:
@@ -916,15 +1197,28 @@ def main() -> int:
     try:
         build_tools(tmp)
         digest = snapshot_socksd(tmp)
+        against = tuple(snapshot_revision(tmp, rev) for rev in args.against)
         columns, skip_notes = make_columns(
-            settings, tmp, args.python, proxy_cpus, args.floor, args.splice_relay
+            settings,
+            tmp,
+            args.python,
+            proxy_cpus,
+            args.floor,
+            args.splice_relay,
+            against,
+            args.baselines,
         )
         notes += pin_notes + skip_notes
+        if against and settings.namespaces == "shared":
+            notes.append(
+                "columns share one namespace, each starting among the TIME_WAIT sockets of "
+                "the one before; --namespaces per-column gives each column its own"
+            )
         notes.append(f"proxy logs (socksd: level info, tunnel_closed on) go to files in {tmp}")
         notes.append(f"socksd runs from a copy of socksd/ and workers/ taken at start: {tmp}/src")
         meta = {
             "settings": asdict(settings),
-            "versions": versions(args.python, columns, digest),
+            "versions": versions(args.python, columns, digest, against),
             "sysctls": SYSCTLS,
             "columns": [asdict(c) for c in columns],
         }
@@ -939,6 +1233,9 @@ def main() -> int:
         print_table(columns, summary, ratio)
         paired = paired_ratios(runs, columns[0].key)
         print_paired(paired)
+        by_round = round_ratios(runs, columns)
+        if "rate" in settings.figures:
+            print_rounds(runs, columns, by_round)
         print_extras(columns, summary, sus, settings)
         elapsed = time.monotonic() - started
         print(f"total time {elapsed:.0f} s")
@@ -949,6 +1246,7 @@ def main() -> int:
                 **summary,
                 "ratios": ratio,
                 "paired_ratios": paired,
+                "round_ratios": by_round,
                 "sustained": sus,
                 "runs": {
                     k: [{m: asdict(s) for m, s in r.items()} for r in v] for k, v in runs.items()
