@@ -404,11 +404,11 @@ def socksd_config(tmp: Path, name: str, workers: int, user_hash: str | None = No
     return config
 
 
-def user_hash(python: str, tmp: Path) -> str:
-    """USER's password hash for socksd's config, made by `socksd passwd` (the snapshot's)."""
+def user_hash(python: str, src: Path) -> str:
+    """USER's password hash for socksd's config, made by `socksd passwd` run in `src`."""
     out = subprocess.run(
         [python, "-m", "socksd", "passwd"],
-        cwd=tmp / "src",
+        cwd=src,
         input=PASSWORD + "\n",
         capture_output=True,
         text=True,
@@ -454,7 +454,8 @@ def make_columns(
         notes.append("pproxy: no-auth paths only (its auth is not wired into the bench)")
     if "noproxy" in baselines and set(settings.paths) - {DEFAULT_PATH}:
         notes.append("no proxy: no-auth + IPv4 only (the other paths vary the SOCKS handshake)")
-    hashed = user_hash(python, tmp) if any(PATHS[p].auth for p in settings.paths) else None
+    auth = any(PATHS[p].auth for p in settings.paths)
+    hashed = user_hash(python, tmp / "src") if auth else None  # the snapshot's `socksd passwd`
     columns = []
     for key in settings.paths:
         path = PATHS[key]
@@ -1408,7 +1409,7 @@ def parse_args() -> tuple[argparse.Namespace, Settings]:
     figures = _choice_list(ap, "--only", args.only or ",".join(FIGURES), FIGURES)
 
     args.baselines = _choice_list(ap, "--baselines", args.baselines, BASELINES)
-    paths = _path_list(ap, args.paths)
+    paths = path_list(ap, args.paths)
     settings = Settings(
         runs=args.runs or (1 if quick else 3),
         tunnels=args.tunnels or (2000 if quick else 20000),
@@ -1439,7 +1440,7 @@ def _choice_list(
     return tuple(c for c in choices if c in got)
 
 
-def _path_list(ap: argparse.ArgumentParser, text: str) -> tuple[str, ...]:
+def path_list(ap: argparse.ArgumentParser, text: str) -> tuple[str, ...]:
     """--paths: keys of PATHS in the order given (the first is the headline), or all."""
     if text.strip() == "all":
         return tuple(PATHS)
