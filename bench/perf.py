@@ -568,7 +568,7 @@ def snapshot_revision(tmp: Path, name: str) -> Revision:
         sys.exit(f"perf: --against {name}: not a git revision here")
     commit = out.stdout.strip()
     src = f"src-{commit}"
-    (tmp / src).mkdir()
+    (tmp / src).mkdir(exist_ok=True)  # two names for one commit: the same files
     archive = subprocess.run(
         ["git", "-C", str(REPO), "archive", commit, "socksd", "workers"],
         check=True,
@@ -749,7 +749,9 @@ class Bench:
     # -- proxies --
 
     def start(self, col: Column, tag: str) -> RunningProxy:
-        log = self.tmp / f"{col.key}-{tag}.log"
+        # A revision's name may hold a "/" (origin/main): not a directory here.
+        name = re.sub(r"[^\w@+.-]", "_", col.key)
+        log = self.tmp / f"{name}-{tag}.log"
         with open(log, "wb") as out:
             pin = ["taskset", "-c", col.cpus] if col.cpus else []
             # `python -m` puts the cwd first on sys.path: socksd runs from the snapshot.
