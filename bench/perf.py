@@ -1,6 +1,6 @@
 """Performance benchmark: socksd against microsocks, pproxy and no proxy, per core.
 
-    sudo python bench/perf.py [--runs 3] [--quick] [--workers 1,2] [--json out.json]
+    python bench/perf.py [--runs 3] [--quick] [--workers 1,2] [--json out.json]
         [--floor] [--splice-relay] [--against REV ...] [--only rate,rss,bulk,udp,sustained]
         [--baselines microsocks,pproxy,noproxy|none] [--namespaces shared|per-column]
         [--paths auth-name,auth-ip,noauth-name,noauth-ip|all] [--tunnels N]
@@ -41,9 +41,10 @@ socksd/ and workers/ taken at start, so edits made meanwhile do not mix into the
 
 Figures: medians of --runs runs (failures are totals over all runs):
   tunnels/s      tunnels completed per second: connect, SOCKS5 no-auth greeting, CONNECT
-                 to the echo target (ATYP IPv4), reply, send 64 bytes, read the 64-byte
-                 echo, close; 20,000 tunnels with 64 in flight ("no proxy": connect
-                 straight to the echo target, send 64, read 64, close).
+                 to the echo target (ATYP IPv4; other handshakes: --paths), reply,
+                 send 64 bytes, read the 64-byte echo, close; 20,000 tunnels with 64
+                 in flight ("no proxy": connect straight to the echo target, send 64,
+                 read 64, close).
   tunnels/proxy CPU-s  tunnels completed per second of CPU (user + sys) the proxy used
                  meanwhile: the per-core efficiency. With N workers it should stay near
                  the 1-worker figure (near-linear scaling) even on a machine where the
@@ -118,8 +119,7 @@ range; steadier than the ratio of medians when the host drifts during a run.
 Per round (with the rate figure): every column's tunnels/s, proxy CPU (user + sys) per
 tunnel in us, failures, the TIME_WAIT sockets the columns before it left in the
 namespace, and its ratio to the first column of its path (socksd, working tree) in
-that round; then
-the median of those ratios and their range. That is the figure for "no regression"
+that round; then the median of those ratios and their range. That is the figure for "no regression"
 between two revisions: CPU per tunnel is what a refactoring changes, tunnels/s also
 moves with the load side. /proc counts CPU in 10 ms ticks: over 20,000 tunnels
 (~2.5 s of proxy CPU) that is 0.4 %, over 2,000 it is 4 %. The first column of round
