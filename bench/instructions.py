@@ -1,6 +1,9 @@
 """Instructions per tunnel: socksd's user-space cost, counted rather than timed.
 
-    sudo /work/venv/bin/python bench/instructions.py [--tunnels 2000] [--against REV ...] [--floor]
+    python bench/instructions.py [--tunnels 2000] [--against REV ...] [--floor]
+        [--paths auth-name,auth-ip,noauth-name,noauth-ip|all]
+
+Run as root, with the dev venv's `python` (it has socksd's dependencies).
 
 Runs socksd (one worker) under valgrind's callgrind (`apt-get install valgrind`) in a
 throw-away network namespace, warms it with 300 tunnels, zeroes the counters, opens
@@ -14,8 +17,19 @@ is worth; the instruction count repeats to within 0.1 %. It is a development too
 the Python side of a tunnel (perf.py gives the figures that matter: rate, latency, CPU).
 
 --against REV also measures git revision(s) REV (their socksd/ and workers/ from
-`git archive`); --floor also measures bench/floor.py. Ratios are against the first
-column (the working tree). Root is needed for the namespace. Not part of the tests.
+`git archive`); --floor also measures bench/floor.py (no auth + IPv4 only). Ratios are
+against the first column (the working tree) on the same path.
+
+--paths counts each tunnel path of perf.py --paths (default noauth-ip, the tunnel
+above): auth-name is the customer's (RFC 1929 user/password, then CONNECT to the
+hostname bench.test), auth-ip, noauth-name. socksd runs with one user on the auth
+paths; its warm-up fills the worker's cache of verified passwords, so scrypt is not
+in the count (a customer's steady traffic finds it warm too). On the hostname paths
+socksd resolves through dnsmasq in the namespace, as in perf.py: the count then
+includes glibc's getaddrinfo in the resolver thread (callgrind counts every thread
+of the worker), not dnsmasq. Each path also gets its ratio to noauth-ip: what the
+handshake costs in instructions. Root is needed for the namespace. Not part of the
+tests.
 """
 
 from __future__ import annotations
@@ -97,8 +111,16 @@ def _total_ir(dump_dir: Path, pid: int) -> int:
     raise RuntimeError(f"no totals in {dumps[-1]}")
 
 
-def measure(bench: perf.Bench, tmp: Path, label: str, tunnels: int, floor: bool) -> float:
-    """Instructions per tunnel of one column."""
+def measure(
+    bench: perf.Bench,
+    tmp: Path,
+    label: str,
+    tunnels: int,
+    floor: bool,
+    path: perf.TunnelPath,
+    user_hash: str | None,
+) -> float:
+    """Instructions per tunnel of one column on one path."""
     out = tmp / f"cg-{len(list(tmp.glob('cg-*')))}"
     out.mkdir()
     log = out / "log"
@@ -107,12 +129,8 @@ def measure(bench: perf.Bench, tmp: Path, label: str, tunnels: int, floor: bool)
         argv = [sys.executable, str(BENCH / "floor.py"), perf.HOST, str(perf.PROXY_PORT)]
     else:
         cwd = _snapshot(label, tmp)
-        config = out / "socksd.toml"
-        config.write_text(
-            f'listen = ["{perf.HOST}:{perf.PROXY_PORT}"]\nworkers = 1\n\n'
-            f'[log]\nlevel = "info"\n\n[control]\nsocket = "{out}/control.sock"\n\n'
-            '[[access.destinations]]\naction = "allow"\nto = ["127.0.0.0/8"]\n'
-        )
+        # The same config as perf.py's socksd columns, with the user on the auth paths.
+        config = perf.socksd_config(out, "ir", 1, user_hash if path.auth else None)
         # `python -m` puts the cwd first on sys.path: socksd runs from the snapshot.
         argv = [sys.executable, "-m", "socksd", "--config", str(config)]
     valgrind = [
@@ -136,14 +154,16 @@ def measure(bench: perf.Bench, tmp: Path, label: str, tunnels: int, floor: bool)
             _wait_for(log, b'"supervisor_ready"', proc, 300.0)
             pid = _worker_pid(proc)
         worker = _Worker(pid)
-        bench.tunnels(worker, WARMUP)  # type: ignore[arg-type]
+        load_args = perf.path_args(path, bench.settings)
+        bench.tunnels(worker, WARMUP, load_args)  # type: ignore[arg-type]
         subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True)
-        result = bench.tunnels(worker, tunnels)  # type: ignore[arg-type]
+        result = bench.tunnels(worker, tunnels, load_args)  # type: ignore[arg-type]
         subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
         time.sleep(1.0)
         ok = int(result["tunnels_ok"].value)
         if ok != tunnels:
-            raise RuntimeError(f"{label}: {ok} of {tunnels} tunnels ok")
+            failures = result["tunnels_per_s"].failures
+            raise RuntimeError(f"{label} {path.key}: {ok} of {tunnels} tunnels ok: {failures}")
         return _total_ir(out, pid) / tunnels
     finally:
         proc.terminate()
@@ -159,12 +179,23 @@ def main() -> int:
     ap.add_argument("--tunnels", type=int, default=2000, help="tunnels counted (default 2,000)")
     ap.add_argument("--against", action="append", default=[], metavar="REV", help="git revision")
     ap.add_argument("--floor", action="store_true", help="also measure bench/floor.py")
+    ap.add_argument(
+        "--paths",
+        default=perf.DEFAULT_PATH,
+        metavar="LIST",
+        help=f"tunnel paths, comma-separated from {','.join(perf.PATHS)}, or all "
+        f"(default {perf.DEFAULT_PATH})",
+    )
     args = ap.parse_args()
+    paths = perf.path_list(ap, args.paths)
     if os.geteuid() != 0:
         print("needs root (it creates a network namespace)", file=sys.stderr)
         return 2
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("needs valgrind: apt-get install valgrind", file=sys.stderr)
+        return 2
+    if any(perf.PATHS[p].name for p in paths) and shutil.which("dnsmasq") is None:
+        print("the hostname paths need dnsmasq: apt-get install dnsmasq-base", file=sys.stderr)
         return 2
     columns = [("working tree", False)] + [(rev, False) for rev in args.against]
     if args.floor:
@@ -172,6 +203,8 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="socksd-instructions-"))
     try:
         perf.build_tools(tmp)
+        auth = any(perf.PATHS[p].auth for p in paths)
+        hashed = perf.user_hash(sys.executable, ROOT) if auth else None
         load, _, _ = perf.plan_cpus((1,))
         settings = perf.Settings(
             runs=1,
@@ -182,18 +215,51 @@ def main() -> int:
             warmup=1,
             sustained=0,
             workers=(1,),
+            paths=paths,
         )
         with NetNS("socksd-ir") as ns:
             bench = perf.Bench(ns, tmp, settings, load)
-            figures = []
-            for label, floor in columns:
-                per_tunnel = measure(bench, tmp, label, args.tunnels, floor)
-                figures.append((label, per_tunnel))
-                ratio = per_tunnel / figures[0][1]
-                print(f"{label:>24}: {per_tunnel:10,.0f} instructions per tunnel ({ratio:.2f}x)")
+            try:
+                count_paths(bench, tmp, args.tunnels, columns, paths, hashed)
+            finally:
+                bench.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def count_paths(
+    bench: perf.Bench,
+    tmp: Path,
+    tunnels: int,
+    columns: list[tuple[str, bool]],
+    paths: tuple[str, ...],
+    hashed: str | None,
+) -> None:
+    """Count every column on every path (each printed as it comes), then the ratios."""
+    figures: dict[tuple[str, str], float] = {}
+    for key in paths:
+        for label, floor in columns:
+            if floor and key != perf.DEFAULT_PATH:
+                continue  # floor.py speaks no-auth + IPv4 only
+            per_tunnel = measure(bench, tmp, label, tunnels, floor, perf.PATHS[key], hashed)
+            figures[(label, key)] = per_tunnel
+            print(f"{label:>24} {key:12}: {per_tunnel:10,.0f} instructions per tunnel", flush=True)
+    print(
+        f"\nRatios: to the working tree on the same path; to the same column on {perf.DEFAULT_PATH}"
+    )
+    for key in paths:
+        print(f"{perf.PATHS[key].label} ({key}):")
+        for label, _ in columns:
+            if (label, key) not in figures:
+                continue
+            per_tunnel = figures[(label, key)]
+            line = f"{label:>24}: {per_tunnel:10,.0f} instructions per tunnel"
+            line += f" ({per_tunnel / figures[(columns[0][0], key)]:.2f}x the working tree"
+            base = figures.get((label, perf.DEFAULT_PATH))
+            if key != perf.DEFAULT_PATH and base:
+                line += f", {per_tunnel / base:.2f}x its {perf.DEFAULT_PATH}"
+            print(line + ")")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,18 @@
  *
  *   loadgen MODE [--proxy IP:PORT] --target IP:PORT [--concurrency C] [--total N]
  *           [--bytes B] [--discard] [--src IP --src-count K] [--timeout-ms T]
- *           [--deadline-s D]
+ *           [--deadline-s D] [--auth USER:PASSWORD] [--target-name NAME]
  *
  * MODE tunnels: each tunnel = TCP connect (to the proxy, or straight to the target when
  *   there is no --proxy), SOCKS5 no-auth greeting, wait for the method, CONNECT to the
  *   target (ATYP IPv4), wait for the reply, send 64 bytes, read the 64-byte echo, close.
  *   N tunnels, C in flight. TTFB = connect() start to the first echo byte.
+ * --auth USER:PASSWORD (the customer's path): the greeting offers only method 0x02 and,
+ *   once the proxy picks it, the RFC 1929 sub-negotiation (VER 1, ULEN, UNAME, PLEN,
+ *   PASSWD) follows; a status other than 0 fails the tunnel as "auth:<status>".
+ * --target-name NAME: CONNECT names the target (ATYP 0x03, NAME, the --target port)
+ *   instead of sending --target's IPv4 address; the proxy resolves NAME. Without these
+ *   two options every byte on the wire is as it was before they existed.
  * MODE hold: open N tunnels (C handshakes in flight) and keep them idle; print
  *   "held N" on stdout, then hold until stdin is readable (a line or EOF) or D seconds
  *   passed since the start, then close them all.
@@ -19,7 +25,9 @@
  * the client closes first).
  * Prints one JSON object on stdout at the end. Failure kinds: "connect:<ERRNO>",
  * "reply:<code>", "timeout:<stage>", "short_read:<stage>" (EOF or reset before the
- * expected bytes), "bad_method", "bad_echo", "send:<ERRNO>", "closed_while_held".
+ * expected bytes), "bad_method" (another method than offered: "method:255" when the
+ * proxy accepts none), "auth:<status>", "bad_auth_version", "bad_echo", "send:<ERRNO>",
+ * "closed_while_held".
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -51,9 +59,9 @@
 #define STDIN_TAG UINT32_MAX
 
 enum mode { TUNNELS, HOLD, BULK };
-enum stage { FREE = 0, CONNECTING, METHOD, REPLY, ECHO, STREAM, HELD };
-static const char *stage_names[] = {"free", "connect", "method", "reply", "echo", "stream",
-                                    "held"};
+enum stage { FREE = 0, CONNECTING, METHOD, AUTH, REPLY, ECHO, STREAM, HELD };
+static const char *stage_names[] = {"free", "connect", "method", "auth", "reply", "echo",
+                                    "stream", "held"};
 
 struct conn {
     int fd;
@@ -72,6 +80,12 @@ static uint32_t src_base;
 static uint64_t bulk_bytes = 1ull << 30, per_stream;
 static int bulk_flags; /* MSG_TRUNC with --discard: TCP drops the bytes, no copy to us */
 static uint64_t timeout_ns = 10ull * 1000000000, deadline_ns = 300ull * 1000000000;
+/* --auth: the RFC 1929 request, built once; auth_len 0 = no-auth (the default path) */
+static uint8_t auth_req[3 + 2 * 255];
+static size_t auth_len;
+/* --target-name: the CONNECT request with ATYP 0x03, built once; 0 = ATYP IPv4 */
+static uint8_t name_req[4 + 1 + 255 + 2];
+static size_t name_req_len;
 
 static int epfd;
 static struct conn *conns;
@@ -205,7 +219,23 @@ static void on_connected(int i) {
     watch(i, EPOLLIN, EPOLL_CTL_MOD);
     if (!use_proxy) return tunnel_ready(i);
     static const uint8_t greeting[] = {5, 1, 0}; /* RFC 1928: VER, NMETHODS, no-auth */
-    if (send_all(i, greeting, sizeof greeting) == 0) c->stage = METHOD;
+    static const uint8_t greeting_auth[] = {5, 1, 2}; /* the same, username/password */
+    const uint8_t *hello = auth_len ? greeting_auth : greeting;
+    if (send_all(i, hello, sizeof greeting) == 0) c->stage = METHOD;
+}
+
+/* The CONNECT request, once the method (and the password, if any) went through. */
+static void send_connect(int i) {
+    struct conn *c = &conns[i];
+    c->got = 0;
+    if (name_req_len) {
+        if (send_all(i, name_req, name_req_len) == 0) c->stage = REPLY;
+        return;
+    }
+    uint8_t req[10] = {5, 1, 0, 1}; /* VER, CMD=CONNECT, RSV, ATYP=IPv4 */
+    memcpy(req + 4, &target_addr.sin_addr, 4);
+    memcpy(req + 8, &target_addr.sin_port, 2);
+    if (send_all(i, req, sizeof req) == 0) c->stage = REPLY;
 }
 
 /* Bytes of the CONNECT reply, known once its first 5 bytes are in (RFC 1928 section 6). */
@@ -234,6 +264,7 @@ static void on_readable(int i) {
     }
     switch (c->stage) {
     case METHOD: want = 2; break;
+    case AUTH: want = 2; break;
     case REPLY: want = reply_len(c); break;
     case ECHO: want = PAYLOAD; break;
     default: want = sizeof c->buf; break; /* HELD: anything means the proxy spoke */
@@ -256,15 +287,21 @@ static void on_readable(int i) {
     if (c->stage == REPLY && c->got == 5) want = reply_len(c); /* now known */
     if (c->got < want) return;
     switch (c->stage) {
-    case METHOD: {
-        if (c->buf[0] != 5 || c->buf[1] != 0) return fail(i, "bad_method", NULL);
-        uint8_t req[10] = {5, 1, 0, 1}; /* VER, CMD=CONNECT, RSV, ATYP=IPv4 */
-        memcpy(req + 4, &target_addr.sin_addr, 4);
-        memcpy(req + 8, &target_addr.sin_port, 2);
+    case METHOD:
+        if (c->buf[0] == 5 && c->buf[1] == 0xff) return fail(i, "method", "255");
+        if (c->buf[0] != 5 || c->buf[1] != (auth_len ? 2 : 0)) return fail(i, "bad_method", NULL);
+        if (!auth_len) return send_connect(i);
         c->got = 0;
-        if (send_all(i, req, sizeof req) == 0) c->stage = REPLY;
+        if (send_all(i, auth_req, auth_len) == 0) c->stage = AUTH;
         return;
-    }
+    case AUTH: /* RFC 1929: VER 1, STATUS (0 = success) */
+        if (c->buf[0] != 1) return fail(i, "bad_auth_version", NULL);
+        if (c->buf[1] != 0) {
+            char code[8];
+            snprintf(code, sizeof code, "%d", c->buf[1]);
+            return fail(i, "auth", code);
+        }
+        return send_connect(i);
     case REPLY: return tunnel_ready(i);
     case ECHO:
         if (memcmp(c->buf, payload, PAYLOAD)) return fail(i, "bad_echo", NULL);
@@ -305,13 +342,45 @@ static void parse_addr(const char *text, struct sockaddr_in *sa) {
     if (inet_pton(AF_INET, host, &sa->sin_addr) != 1) die("address must be IPv4");
 }
 
+/* --auth USER:PASSWORD -> VER 1, ULEN, UNAME, PLEN, PASSWD (RFC 1929 section 2). */
+static void set_auth(const char *text) {
+    const char *colon = strchr(text, ':');
+    size_t ulen = colon ? (size_t)(colon - text) : 0, plen = colon ? strlen(colon + 1) : 0;
+    if (!colon || ulen < 1 || ulen > 255 || plen < 1 || plen > 255) {
+        fprintf(stderr, "--auth takes USER:PASSWORD, each 1..255 bytes\n");
+        exit(2);
+    }
+    auth_req[0] = 1;
+    auth_req[1] = (uint8_t)ulen;
+    memcpy(auth_req + 2, text, ulen);
+    auth_req[2 + ulen] = (uint8_t)plen;
+    memcpy(auth_req + 3 + ulen, colon + 1, plen);
+    auth_len = 3 + ulen + plen;
+}
+
+/* --target-name NAME -> CONNECT with ATYP 0x03: VER, CMD, RSV, 3, LEN, NAME, PORT. */
+static void set_target_name(const char *name) {
+    size_t len = strlen(name);
+    if (len < 1 || len > 255) {
+        fprintf(stderr, "--target-name takes 1..255 bytes\n");
+        exit(2);
+    }
+    uint8_t head[5] = {5, 1, 0, 3, (uint8_t)len};
+    memcpy(name_req, head, sizeof head);
+    memcpy(name_req + 5, name, len);
+    memcpy(name_req + 5 + len, &target_addr.sin_port, 2);
+    name_req_len = 5 + len + 2;
+}
+
 static void parse_args(int argc, char **argv) {
     static const struct option opts[] = {
         {"proxy", 1, 0, 'p'},   {"target", 1, 0, 't'},     {"concurrency", 1, 0, 'c'},
         {"total", 1, 0, 'n'},   {"bytes", 1, 0, 'b'},      {"src", 1, 0, 's'},
         {"src-count", 1, 0, 'k'}, {"timeout-ms", 1, 0, 'o'}, {"deadline-s", 1, 0, 'd'},
-        {"discard", 0, 0, 'x'}, {0, 0, 0, 0}};
+        {"discard", 0, 0, 'x'}, {"auth", 1, 0, 'a'},      {"target-name", 1, 0, 'N'},
+        {0, 0, 0, 0}};
     int opt, have_target = 0;
+    const char *name = NULL;
     if (argc < 2) die("usage: loadgen tunnels|hold|bulk --target IP:PORT ...");
     if (!strcmp(argv[1], "tunnels")) mode = TUNNELS;
     else if (!strcmp(argv[1], "hold")) mode = HOLD;
@@ -335,10 +404,13 @@ static void parse_args(int argc, char **argv) {
         case 'o': timeout_ns = strtoull(optarg, NULL, 10) * 1000000; break;
         case 'd': deadline_ns = strtoull(optarg, NULL, 10) * 1000000000; break;
         case 'x': bulk_flags = MSG_TRUNC; break;
+        case 'a': set_auth(optarg); break;
+        case 'N': name = optarg; break;
         default: exit(2);
         }
     }
     if (!have_target || concurrency < 1 || total < 1) die("need --target, C >= 1, N >= 1");
+    if (name) set_target_name(name);
     if (mode == BULK) {
         total = concurrency;
         per_stream = bulk_bytes / concurrency;
