@@ -38,13 +38,21 @@ class Authenticator:
     def _cache_key(self, username: bytes, password: bytes) -> bytes:
         return hmac.digest(self._key, username + b"\0" + password, hashlib.sha256)
 
-    def check(self, username: bytes, password: bytes, verdict: Verdict) -> None:
-        """Call `verdict(ok)` on the loop: at once on a cache hit, else after scrypt."""
+    def cached(self, username: bytes, password: bytes) -> bool:
+        """True when these credentials were verified lately (no scrypt needed); False
+        says nothing: `check()` them."""
         key = self._cache_key(username, password)
         if key in self._cache:
             self._cache.move_to_end(key)
+            return True
+        return False
+
+    def check(self, username: bytes, password: bytes, verdict: Verdict) -> None:
+        """Call `verdict(ok)` on the loop: at once on a cache hit, else after scrypt."""
+        if self.cached(username, password):
             verdict(True)
             return
+        key = self._cache_key(username, password)
         try:
             stored = self._users.get(username.decode("utf-8"))
         except UnicodeDecodeError:

@@ -175,6 +175,7 @@ class Session:
         "_first_byte",
         "_protocol",
         "_bind",
+        "_credentials_next",
     )
 
     def __init__(
@@ -207,6 +208,8 @@ class Session:
         self._claim: Claim | None = None  # this tunnel's place in per-IP/per-user counts
         self._bind: BindWaiter | None = None
         self._first_byte = True  # the first byte read picks the front door
+        # The greeting took the RFC 1929 fast path: the next read should be credentials.
+        self._credentials_next = False
         self._eof = False  # FIN read, or early data while connecting: stop polling reads
         # Handshake and connect deadlines are watched by the worker's deadline sweep
         # (no timer per session); BIND and draining use a timer of their own.
@@ -264,14 +267,26 @@ class Session:
             if data[0] != 5 or self._ctx.socks5_off:
                 if not self._pick_front_door(data[0]):
                     return
-            elif self._ctx.authenticator is None:
-                # The usual greeting (05 01 00) and its answer in one codec step (a
-                # SOCKS5 codec's own fast path: the first byte was 5).
-                answer = self._codec.accept_no_auth(data)  # type: ignore[attr-defined]
+            else:
+                # The usual greetings (05 01 00 without auth; 05 01 02 or 05 02 00 02
+                # with) and their answer in one codec step: a SOCKS5 codec's own fast
+                # paths (the first byte was 5).
+                codec: Any = self._codec
+                if self._ctx.authenticator is None:
+                    answer = codec.accept_no_auth(data)
+                else:
+                    answer = codec.accept_user_pass(data)
+                    self._credentials_next = answer is not None
                 if answer is not None:
                     if not self._write(answer):
                         self._client_gone()
                     return
+        elif self._credentials_next:
+            self._credentials_next = False
+            credentials = self._codec.accept_credentials(data)  # type: ignore[attr-defined]
+            if credentials is not None:
+                self._on_credentials(*credentials)
+                return
         codec = self._codec
         try:
             if phase is _HANDSHAKE:
@@ -344,6 +359,28 @@ class Session:
         if method == _NO_ACCEPTABLE:
             # RFC 1928 section 3: reply X'FF' and close.
             self._handshake_failed("no_acceptable_method", offered=list(event.methods))
+
+    def _on_credentials(self, username: bytes, password: bytes) -> None:
+        """The credentials, read whole by the codec's fast path (state SEND_AUTH_STATUS,
+        nothing buffered). Verified lately and no back-off on this client: answered
+        here, the phase never leaves HANDSHAKE (no AUTHENTICATING round trip, no two
+        epoll_ctl). Otherwise the usual check, as if the codec had made the event."""
+        ctx = self._ctx
+        authenticator = ctx.authenticator
+        assert authenticator is not None  # the greeting's fast path ran with auth on
+        client_ip = self._peer[0]
+        limits = ctx.limits
+        if limits.auth_delay(client_ip, self._loop.now) or not authenticator.cached(
+            username, password
+        ):
+            self._on_auth(UserPassAuth(username, password))
+            return
+        limits.auth_succeeded(client_ip)
+        if not self._write(self._codec.accept_auth()):  # type: ignore[attr-defined]
+            self._client_gone()
+            return
+        user = self._user = username.decode("utf-8", "replace")
+        self._learned({"user": user})
 
     def _on_auth(self, event: UserPassAuth) -> None:
         assert self._ctx.authenticator is not None  # the codec only asks after 0x02
