@@ -1,6 +1,6 @@
 """Instructions per SOCKS5 username/password handshake in the codec alone: generic vs fast.
 
-    /work/venv/bin/python bench/codec_handshakes.py [--handshakes 20000] [MODE ...]
+    python bench/codec_handshakes.py [--handshakes 20000] [MODE ...]
 
 For each mode, runs this file under valgrind's callgrind twice, with no handshakes and
 with --handshakes, and prints the difference per handshake (Ir, user space: the

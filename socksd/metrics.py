@@ -81,6 +81,18 @@ _WORKER_COUNTERS: tuple[tuple[str, Family], ...] = (
             "Stats lines the worker dropped because its pipe was full.",
         ),
     ),
+    # A worker's DNS figures, under `counters.dns` (a dotted key is a path).
+    ("dns.lookups", Family("dns_lookups_total", "counter", "Name lookups sent to the resolver.")),
+    ("dns.hits", Family("dns_cache_hits_total", "counter", "Names answered from the cache.")),
+    ("dns.misses", Family("dns_cache_misses_total", "counter", "Names not in the cache.")),
+    (
+        "dns.coalesced",
+        Family("dns_coalesced_total", "counter", "Names asked while their lookup ran."),
+    ),
+    (
+        "dns.stale",
+        Family("dns_stale_answers_total", "counter", "Expired answers served (RFC 8767)."),
+    ),
 )
 
 # Per-worker counters held as {label value: count}: key -> (label name, family).
@@ -116,20 +128,6 @@ _WORKER_LABELLED: tuple[tuple[str, str, Family], ...] = (
     ),
 )
 
-# Per-worker DNS figures: key in `counters.dns` -> family.
-_DNS_COUNTERS: tuple[tuple[str, Family], ...] = (
-    ("lookups", Family("dns_lookups_total", "counter", "Name lookups sent to the resolver.")),
-    ("hits", Family("dns_cache_hits_total", "counter", "Names answered from the cache.")),
-    ("misses", Family("dns_cache_misses_total", "counter", "Names not in the cache.")),
-    (
-        "coalesced",
-        Family("dns_coalesced_total", "counter", "Names asked while their lookup ran."),
-    ),
-    (
-        "stale",
-        Family("dns_stale_answers_total", "counter", "Expired answers served (RFC 8767)."),
-    ),
-)
 _DNS_FAILURES = Family("dns_failures_total", "counter", "Name lookups that failed, by reason.")
 _DNS_LATENCY = Family("dns_lookup_seconds", "histogram", "Time a name lookup took.")
 
@@ -254,7 +252,6 @@ FAMILIES: tuple[Family, ...] = (
     *(f for _, f in _WORKER_COUNTERS),
     *(f for _, _, f in _WORKER_LABELLED),
     *(f for _, f in _WORKER_GAUGES),
-    *(f for _, f in _DNS_COUNTERS),
     _DNS_FAILURES,
     _DNS_LATENCY,
     _WORKER_UP,
@@ -324,6 +321,13 @@ class _Exposition:
         return "\n".join(out) + "\n"
 
 
+def _dig(mapping: Mapping[str, Any], key: str) -> Any:
+    """mapping["a"]["b"] for "a.b"; None where a step is missing."""
+    for step in key.split("."):
+        mapping = _map(mapping).get(step)  # type: ignore[assignment]
+    return mapping
+
+
 def _map(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
@@ -352,8 +356,6 @@ def _add_dns(exp: _Exposition, labels: Mapping[str, Any], dns: Mapping[str, Any]
     """One worker's DNS figures; the latency as a cumulative histogram in seconds."""
     if not dns:
         return
-    for key, family in _DNS_COUNTERS:
-        exp.add(family, labels, dns.get(key))
     for reason, count in sorted(_map(dns.get("failures")).items()):
         exp.add(_DNS_FAILURES, {**labels, "reason": reason}, count)
     buckets = sorted(
@@ -397,7 +399,7 @@ def render(aggregate: Mapping[str, Any]) -> str:
         labels = {"worker": w.get("slot")}
         counters = _map(w.get("counters"))
         for key, family in _WORKER_COUNTERS:
-            exp.add(family, labels, counters.get(key))
+            exp.add(family, labels, _dig(counters, key))
         for key, label, family in _WORKER_LABELLED:
             for label_value, count in sorted(_map(counters.get(key)).items()):
                 exp.add(family, {**labels, label: label_value}, count)

@@ -37,57 +37,19 @@ import ipaddress
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Final, Literal, NoReturn, TypeAlias
 
-# The shared vocabulary, re-exported: `from socksd.socks5 import Reply, ...` keeps working.
-from socksd.codec import (
-    NEED_DATA,
-    AddressType,
-    AuthStatus,
-    Command,
-    CommandReply,
-    CommandRequest,
-    ConnectionClosed,
-    Event,
-    Greeting,
-    LocalProtocolError,
-    Method,
-    MethodSelection,
-    NeedData,
-    ProtocolError,
-    Reply,
-    ServerMessage,
-    State,
-    TransitionTable,
-    UserPassAuth,
-)
-
-if TYPE_CHECKING:
-    from socksd.codec import ServerCodec
+# The shared vocabulary (socksd.codec), used here and re-exported: every name of
+# `from socksd.socks5 import Reply, ...` keeps working; written once, in codec.py.
+from socksd.codec import *  # noqa: F403
+from socksd.codec import __all__ as _SHARED
 
 __all__ = [
-    "NEED_DATA",
-    "AddressType",
-    "AuthStatus",
-    "Command",
-    "CommandReply",
-    "CommandRequest",
-    "ConnectionClosed",
-    "Event",
-    "Greeting",
-    "LocalProtocolError",
-    "Method",
-    "MethodSelection",
-    "NeedData",
-    "ProtocolError",
-    "Reply",
-    "ServerMessage",
     "Socks5ServerConnection",
-    "State",
-    "UserPassAuth",
     "check_domain",
     "choose_method",
     "decode_address",
     "encode_address",
 ]
+__all__ += _SHARED
 
 SOCKS_VERSION: Final = 0x05  # RFC 1928 §3: VER is X'05' in every message.
 AUTH_VERSION: Final = 0x01  # RFC 1929 §2: sub-negotiation VER is X'01'.

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, NotRequired, Protocol, TypedDict
+from typing import Any, Literal, NotRequired, Protocol, TypedDict, cast
 
 import orjson
 
@@ -113,37 +113,38 @@ class LineHeader:
         }
 
 
+# The worker's totals that go onto a `stats` line as they are, in wire order (the
+# line's other counters are derived: see stats_message()).
+PLAIN_TOTALS = (
+    "accepted",
+    "tunnels_opened",
+    "tunnels_closed",
+    "bytes_up",
+    "bytes_down",
+    "handshake_failures",
+    "refused",
+    "udp_datagrams_up",
+    "udp_datagrams_down",
+    "udp_bytes_up",
+    "udp_bytes_down",
+    "udp_dropped",
+)
+
+
+class DnsSource(Protocol):
+    """The worker's DNS figures (`workers.counters.DnsCounters`)."""
+
+    def as_dict(self) -> dict[str, Any]: ...
+
+
 class CounterSource(Protocol):
-    """The worker's totals a `stats` line is made of (`workers.counters.WorkerCounters`).
+    """The worker's totals a `stats` line is made of (`workers.counters.WorkerCounters`):
+    the PLAIN_TOTALS, read by name, and these.
 
     A protocol rather than an import: this module is the supervisor's too and depends
     on no worker module.
     """
 
-    @property
-    def accepted(self) -> int: ...
-    @property
-    def tunnels_opened(self) -> int: ...
-    @property
-    def tunnels_closed(self) -> int: ...
-    @property
-    def bytes_up(self) -> int: ...
-    @property
-    def bytes_down(self) -> int: ...
-    @property
-    def handshake_failures(self) -> dict[str, int]: ...
-    @property
-    def refused(self) -> dict[str, int]: ...
-    @property
-    def udp_datagrams_up(self) -> int: ...
-    @property
-    def udp_datagrams_down(self) -> int: ...
-    @property
-    def udp_bytes_up(self) -> int: ...
-    @property
-    def udp_bytes_down(self) -> int: ...
-    @property
-    def udp_dropped(self) -> dict[str, int]: ...
     @property
     def replies(self) -> Mapping[int, int]: ...
     @property
@@ -152,12 +153,6 @@ class CounterSource(Protocol):
     def dropped_lines(self) -> int: ...
     @property
     def dns(self) -> DnsSource: ...
-
-
-class DnsSource(Protocol):
-    """The worker's DNS figures (`workers.counters.DnsCounters`)."""
-
-    def as_dict(self) -> dict[str, Any]: ...
 
 
 class StatsCounters(TypedDict):
@@ -223,29 +218,23 @@ def stats_message(counters: CounterSource, egress: EgressSnapshot, open_conns: i
         for name, n in ip.failed.items():
             egress_errors[name] = egress_errors.get(name, 0) + n
     c = counters
+    totals: dict[str, Any] = {name: getattr(c, name) for name in PLAIN_TOTALS}
     return {
         "kind": "stats",
-        "counters": {
-            "accepted": c.accepted,
-            "tunnels_opened": c.tunnels_opened,
-            "tunnels_closed": c.tunnels_closed,
-            "bytes_up": c.bytes_up,
-            "bytes_down": c.bytes_down,
-            "handshake_failures": c.handshake_failures,
-            "refused": c.refused,
-            "udp_datagrams_up": c.udp_datagrams_up,
-            "udp_datagrams_down": c.udp_datagrams_down,
-            "udp_bytes_up": c.udp_bytes_up,
-            "udp_bytes_down": c.udp_bytes_down,
-            "udp_dropped": c.udp_dropped,
-            "replies": {str(k): v for k, v in c.replies.items()},
-            "egress_errors": egress_errors,
-            "retries": retries,
-            "rescued": rescued,
-            "exhausted": exhausted,
-            "dropped_lines": c.dropped_lines,
-            "dns": c.dns.as_dict(),
-        },
+        # PLAIN_TOTALS are StatsCounters' first keys, the rest follow.
+        "counters": cast(
+            StatsCounters,
+            {
+                **totals,
+                "replies": {str(k): v for k, v in c.replies.items()},
+                "egress_errors": egress_errors,
+                "retries": retries,
+                "rescued": rescued,
+                "exhausted": exhausted,
+                "dropped_lines": c.dropped_lines,
+                "dns": c.dns.as_dict(),
+            },
+        ),
         "gauges": {
             "open_tunnels": c.open_tunnels,
             "open_sessions": open_conns - c.open_tunnels,

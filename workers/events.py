@@ -52,7 +52,9 @@ def tunnel_closed(
     `started`/`now` are loop times; a refused request has `reply` != 0 and no bytes.
     """
     duration_ms = round((now - started) * 1000, 1)
-    if fields:
+    if not fields:
+        # Plain keywords: a **fields call takes CALL_FUNCTION_EX and a second dict,
+        # ~1,500 more instructions per tunnel under callgrind (the relay's line).
         log.info(
             "tunnel_closed",
             reply=reply,
@@ -60,17 +62,10 @@ def tunnel_closed(
             bytes_up=bytes_up,
             bytes_down=bytes_down,
             duration_ms=duration_ms,
-            **fields,
         )
         return
-    log.info(
-        "tunnel_closed",
-        reply=reply,
-        reason=reason,
-        bytes_up=bytes_up,
-        bytes_down=bytes_down,
-        duration_ms=duration_ms,
-    )
+    line = {"reply": reply, "reason": reason, "bytes_up": bytes_up, "bytes_down": bytes_down}
+    log.info("tunnel_closed", **line, duration_ms=duration_ms, **fields)
 
 
 class LogGate:
