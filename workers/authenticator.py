@@ -11,7 +11,6 @@ tunnels a second with the same credentials pays it once per worker, then hits th
 from __future__ import annotations
 
 import hashlib
-import hmac
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -36,7 +35,12 @@ class Authenticator:
         self._dummy = parse_hash(hash_password(os.urandom(16)))
 
     def _cache_key(self, username: bytes, password: bytes) -> bytes:
-        return hmac.digest(self._key, username + b"\0" + password, hashlib.sha256)
+        # Keyed BLAKE2s is a MAC (RFC 7693): ~0.5 us where hmac.digest(sha256) took
+        # ~3.6 us, on every authenticated tunnel. The length byte keeps ("a\0", "b")
+        # and ("a", "\0b") apart (RFC 1929: ULEN is one octet).
+        return hashlib.blake2s(
+            bytes((len(username),)) + username + password, key=self._key, digest_size=32
+        ).digest()
 
     def cached(self, username: bytes, password: bytes) -> bool:
         """True when these credentials were verified lately (no scrypt needed); False
