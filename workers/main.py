@@ -13,13 +13,14 @@ from __future__ import annotations
 import os
 import signal
 import socket
+from typing import Any
 
 import setproctitle
 
 from socksd import logs
 from socksd.access import ClientPolicy, DestinationPolicy
 from socksd.config import Config
-from socksd.kernel import read_kernel_settings
+from socksd.kernel import KernelSettings, read_kernel_settings
 from socksd.listeners import describe
 from socksd.policy import EgressPolicy
 from socksd.signals import SignalPipe
@@ -36,6 +37,42 @@ from workers.resolver import Resolver
 
 _DRAIN_POLL = 0.1
 _HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1)
+
+
+def _context(
+    config: Config, listeners: list[socket.socket], loop: Loop, log: Any, settings: KernelSettings
+) -> WorkerContext:
+    """What every session of this worker shares: counters, resolver, policies, limits."""
+    counters = WorkerCounters()
+    resolver = Resolver(
+        loop, config.resolver, connect_timeout=config.timeouts.connect, counters=counters.dns
+    )
+    ctx = WorkerContext(
+        loop=loop,
+        config=config,
+        resolver=resolver,
+        authenticator=(
+            Authenticator(config.auth.users, resolver) if config.auth.method == "password" else None
+        ),
+        log=log,
+        pressure=PortPressure(
+            settings=settings,
+            threshold=config.egress.pressure_threshold,
+            max_targets=config.egress.max_tracked_targets,
+            log=log,
+        ),
+        policy=EgressPolicy(config.egress.mappings),
+        clients=ClientPolicy(config.access.clients, loopback_only=config.loopback_only),
+        # The bound addresses, not the configured ones: port 0 means "any".
+        destinations=DestinationPolicy(
+            config.access.destinations, [s.getsockname()[:2] for s in listeners]
+        ),
+        limits=Limits(config=config, log=log, counters=counters),
+        counters=counters,
+    )
+    if not config.relay_splice:
+        ctx.pipes = None
+    return ctx
 
 
 class Worker:
@@ -65,48 +102,15 @@ class Worker:
         self.config = config
         self.log = logs.get_logger()
         self.loop = loop = Loop()
-        counters = WorkerCounters()
-        self.resolver = Resolver(
-            loop,
-            config.resolver,
-            connect_timeout=config.timeouts.connect,
-            counters=counters.dns,
-        )
-        authenticator = (
-            Authenticator(config.auth.users, self.resolver)
-            if config.auth.method == "password"
-            else None
-        )
         self.settings = read_kernel_settings()
-        self.pressure = PortPressure(
-            settings=self.settings,
-            threshold=config.egress.pressure_threshold,
-            max_targets=config.egress.max_tracked_targets,
-            log=self.log,
-        )
-        self.ctx = WorkerContext(
-            loop=loop,
-            config=config,
-            resolver=self.resolver,
-            authenticator=authenticator,
-            log=self.log,
-            pressure=self.pressure,
-            policy=EgressPolicy(config.egress.mappings),
-            clients=ClientPolicy(config.access.clients, loopback_only=config.loopback_only),
-            # The bound addresses, not the configured ones: port 0 means "any".
-            destinations=DestinationPolicy(
-                config.access.destinations, [s.getsockname()[:2] for s in listeners]
-            ),
-            limits=Limits(config=config, log=self.log, counters=counters),
-            counters=counters,
-        )
-        if not config.relay_splice:
-            self.ctx.pipes = None
+        self.ctx = ctx = _context(config, listeners, loop, self.log, self.settings)
+        self.resolver = ctx.resolver
+        self.pressure = ctx.pressure
         timeouts = config.timeouts
         sweeps.start(
             loop,
-            handshakes=self.ctx.handshakes,
-            open_conns=self.ctx.open,
+            handshakes=ctx.handshakes,
+            open_conns=ctx.open,
             handshake=timeouts.handshake,
             connect=timeouts.connect,
             idle=timeouts.idle,
