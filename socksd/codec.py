@@ -42,6 +42,7 @@ __all__ = [
     "NEED_DATA",
     "AddressType",
     "AuthStatus",
+    "BufferedCodec",
     "Command",
     "CommandReply",
     "CommandRequest",
@@ -271,6 +272,27 @@ class LocalProtocolError(Exception):
 
 
 # --- the interface ------------------------------------------------------------
+
+
+class BufferedCodec:
+    """What a parse that found no whole message does, the same in every codec: wait
+    for more, or after EOF end the conversation (state ``CLOSED``) and drop the partial
+    message. A base of the codecs, which define ``_buffer``, ``_eof`` and their own
+    checked ``_transition()``."""
+
+    __slots__ = ()
+    _buffer: bytearray
+    _eof: bool
+
+    def _transition(self, new_state: State) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _no_message(self) -> ConnectionClosed | NeedData:
+        if not self._eof:
+            return NEED_DATA
+        self._buffer.clear()
+        self._transition(State.CLOSED)
+        return ConnectionClosed()
 
 
 class ServerCodec(Protocol):

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Final, NoReturn
 from socksd.codec import (
     NEED_DATA,
     AddressType,
+    BufferedCodec,
     Command,
     CommandReply,
     CommandRequest,
-    ConnectionClosed,
     Event,
     LocalProtocolError,
     NeedData,
@@ -84,7 +84,7 @@ def _encode(code: int, address: str | None, port: int) -> bytes:
     return bytes([0, code]) + port.to_bytes(2, "big") + octets
 
 
-class Socks4ServerConnection:
+class Socks4ServerConnection(BufferedCodec):
     """One SOCKS4/4a client's request and reply(ies), as a `socksd.codec.ServerCodec`.
 
     Args:
@@ -139,11 +139,7 @@ class Socks4ServerConnection:
         except ProtocolError as exc:
             self._fail(exc)
         if parsed is None:
-            if not self._eof:
-                return NEED_DATA
-            self._buffer.clear()
-            self._transition(_CLOSED)
-            return ConnectionClosed()
+            return self._no_message()
         event, consumed = parsed
         del self._buffer[:consumed]
         self._transition(_SEND_REPLY)

@@ -341,7 +341,7 @@ def choose_method(offered: Sequence[int], acceptable: Sequence[int]) -> int:
     return Method.NO_ACCEPTABLE
 
 
-class Socks5ServerConnection:
+class Socks5ServerConnection(BufferedCodec):
     """One client connection's SOCKS5 handshake, from greeting to reply.
 
     Args:
@@ -571,11 +571,7 @@ class Socks5ServerConnection:
         except ProtocolError as exc:
             self._fail(exc)
         if parsed is None:
-            if not self._eof:
-                return NEED_DATA
-            self._buffer.clear()
-            self._transition(State.CLOSED)
-            return ConnectionClosed()
+            return self._no_message()
         event, consumed = parsed
         del self._buffer[:consumed]
         if next_state is _SEND_METHOD:

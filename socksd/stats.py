@@ -113,24 +113,6 @@ class LineHeader:
         }
 
 
-# The worker's totals that go onto a `stats` line as they are, in wire order (the
-# line's other counters are derived: see stats_message()).
-PLAIN_TOTALS = (
-    "accepted",
-    "tunnels_opened",
-    "tunnels_closed",
-    "bytes_up",
-    "bytes_down",
-    "handshake_failures",
-    "refused",
-    "udp_datagrams_up",
-    "udp_datagrams_down",
-    "udp_bytes_up",
-    "udp_bytes_down",
-    "udp_dropped",
-)
-
-
 class DnsSource(Protocol):
     """The worker's DNS figures (`workers.counters.DnsCounters`)."""
 
@@ -179,6 +161,12 @@ class StatsCounters(TypedDict):
     # lookups, hits, misses, coalesced, stale, failures {reason: n}, latency_ms {bucket: n},
     # latency_s_total: see workers.counters.DnsCounters.
     dns: dict[str, Any]
+
+
+# The worker's totals that go onto a `stats` line as they are: StatsCounters' keys up
+# to `udp_dropped`, in wire order (the others are derived: see stats_message()).
+_COUNTER_KEYS = list(StatsCounters.__annotations__)
+PLAIN_TOTALS = tuple(_COUNTER_KEYS[: _COUNTER_KEYS.index("udp_dropped") + 1])
 
 
 class StatsGauges(TypedDict):
