@@ -40,7 +40,6 @@ REASONS: dict[int, str] = {
     _ERR.ARES_EREFUSED: "dns_refused",
     _ERR.ARES_ECONNREFUSED: "dns_unreachable",
 }
-_FAMILIES = {socket.AF_INET: socket.AF_INET, socket.AF_INET6: socket.AF_INET6}
 
 
 class _Socket:
@@ -163,15 +162,15 @@ class _Reply:
         v6: list[tuple[socket.AddressFamily, str]] = []
         ttl = min((c.ttl for c in result.cnames), default=None)
         for node in result.nodes:
-            family = _FAMILIES.get(node.family)
-            if family is None:
+            family = node.family
+            if family != socket.AF_INET and family != socket.AF_INET6:
                 continue
             ip = node.addr[0]
             item = (family, ip.decode("ascii") if isinstance(ip, bytes) else ip)
             if item in seen:
                 continue
             seen.add(item)
-            (v4 if family is socket.AF_INET else v6).append(item)
+            (v4 if family == socket.AF_INET else v6).append(item)
             ttl = node.ttl if ttl is None else min(ttl, node.ttl)
         if not seen:
             self._done((), 0.0, "dns_nodata")

@@ -53,9 +53,9 @@ class Resolver:
         self._loop = loop
         self._pool = ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="pool")
         self._timeout = min(config.timeout, connect_timeout)
-        self._system = config.backend == "system"
-        self._cares = None if self._system else CaresBackend(loop, config, self._timeout)
-        self._hosts = None if self._system else HostsFile()
+        system = config.backend == "system"
+        self._cares = None if system else CaresBackend(loop, config, self._timeout)
+        self._hosts = None if system else HostsFile()
         self._cache = DnsCache(
             size=config.cache_size,
             min_ttl=config.min_ttl,
@@ -76,7 +76,7 @@ class Resolver:
             ips = hosts.get(name, self._loop.now)
             if ips is not None:  # /etc/hosts first, as the system resolver ("files dns")
                 counters.hits += 1
-                _call(callback, [(family, (ip, port)) for family, ip in ips], None)
+                _call(callback, _sockaddrs(ips, port), None)
                 return
         entry = self._cache.fresh(name, self._loop.now)
         if entry is not None:
@@ -102,10 +102,7 @@ class Resolver:
         if self._cares is not None:
             self._cares.lookup(host, lookup.done)
         else:
-            future = self._pool.submit(_getaddrinfo, host)
-            future.add_done_callback(
-                lambda f: self._loop.call_soon_threadsafe(_deliver, f, lookup.done_system)
-            )
+            self.run_blocking(_getaddrinfo, lookup.done_system, host)
         if not lookup.finished:
             lookup.timer = self._loop.call_later(self._timeout, lookup.expired)
 
@@ -202,14 +199,18 @@ def _answer(callback: ResolveCallback, entry: Entry, port: int) -> None:
     if entry.reason is not None:
         _call(callback, None, entry.reason)
     else:
-        _call(callback, [(family, (ip, port)) for family, ip in entry.ips], None)
+        _call(callback, _sockaddrs(entry.ips, port), None)
 
 
-def _call(callback: ResolveCallback, addresses: Addresses | None, reason: str | None) -> None:
-    """Answer one waiter; a failure in it is its owner's (a session closes itself), not
-    the lookup's: the other waiters are still answered."""
+def _sockaddrs(ips: Ips, port: int) -> Addresses:
+    return [(family, (ip, port)) for family, ip in ips]
+
+
+def _call(callback: Callable[..., None], *args: Any) -> None:
+    """Run a callback on the loop; a failure in it is its owner's (a session closes
+    itself), not the caller's: a lookup's other waiters are still answered."""
     try:
-        callback(addresses, reason)
+        callback(*args)
     except Exception as exc:
         on_crash = getattr(getattr(callback, "__self__", None), "on_crash", None)
         if on_crash is None:
@@ -242,18 +243,11 @@ def _getaddrinfo(host: str) -> Ips:
 
 
 def _deliver(future: Future[Any], callback: Callable[..., None]) -> None:
+    """A pool job's outcome, on the loop: `callback(result, error)`."""
     if future.cancelled():
         return  # the worker is shutting down
     error = future.exception()
-    try:
-        if error is not None:
-            callback(None, error)
-        else:
-            callback(future.result(), None)
-    except Exception as exc:
-        # Route the failure to the callback's owner (a session closes itself), not to
-        # the loop's anonymous "callback crashed" line.
-        on_crash = getattr(getattr(callback, "__self__", None), "on_crash", None)
-        if on_crash is None:
-            raise
-        on_crash(exc)
+    if error is not None:
+        _call(callback, None, error)
+    else:
+        _call(callback, future.result(), None)
