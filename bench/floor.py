@@ -1,9 +1,10 @@
 """The Python floor: the least Python one SOCKS5 CONNECT tunnel can cost.
 
-    python bench/floor.py HOST PORT
+    python bench/floor.py HOST PORT [USER PASSWORD]
 
 A baseline for bench/perf.py (`--floor`), not a proxy anyone should run: one process,
-one epoll loop, no-auth SOCKS5 CONNECT to an IPv4 address only, the same syscalls as
+one epoll loop, SOCKS5 CONNECT to an IPv4 address only, with no auth or (given USER and
+PASSWORD) RFC 1929 user/password checked by comparing bytes, the same syscalls as
 socksd's path (IP_BIND_ADDRESS_NO_PORT egress from the listen IP, TCP_NODELAY,
 getsockname for BND, half-close, one orjson line per tunnel written once per loop
 tick) and nothing else: no codec, no validation beyond the version bytes, no
@@ -32,7 +33,7 @@ class Tunnel:
         self.c, self.cfd, self.peer = c, c.fileno(), peer
         self.u: socket.socket | None = None
         self.ufd = -1
-        self.state = 0  # 0 greeting, 1 request, 2 connecting, 3 relaying
+        self.state = 0  # 0 greeting, 1 request, 2 connecting, 3 relaying, 4 user/password
         self.up = self.down = 0
         self.t0 = time.monotonic()
         self.ceof = self.ueof = False
@@ -56,8 +57,22 @@ class Tunnel:
             if data[:1] != b"\x05":
                 self.close()
                 return
-            self.c.send(b"\x05\x00")
-            self.state = 1
+            if LOGIN is None:
+                self.c.send(b"\x05\x00")
+                self.state = 1
+            elif b"\x02" in data[2:]:
+                self.c.send(b"\x05\x02")
+                self.state = 4
+            else:
+                self.c.send(b"\x05\xff")
+                self.close()
+            return
+        if self.state == 4:
+            self.c.send(b"\x01\x00" if data == LOGIN else b"\x01\x01")
+            if data == LOGIN:
+                self.state = 1
+            else:
+                self.close()
             return
         if data[:4] != b"\x05\x01\x00\x01" or len(data) < 10:
             self.close()
@@ -121,6 +136,11 @@ class Tunnel:
 
 
 HOST, PORT = sys.argv[1], int(sys.argv[2])
+# The one RFC 1929 sub-negotiation accepted, whole (VER ULEN USER PLEN PASSWORD).
+LOGIN = None
+if len(sys.argv) == 5:
+    user, password = sys.argv[3].encode(), sys.argv[4].encode()
+    LOGIN = b"\x01" + bytes([len(user)]) + user + bytes([len(password)]) + password
 ep = select.epoll()
 tunnels: dict[int, Tunnel] = {}
 buf = bytearray(65536)

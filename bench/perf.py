@@ -519,8 +519,10 @@ def _path_columns(
     if pproxy and "pproxy" in baselines and not path.auth:
         argv = (pproxy, "-l", f"socks5://{HOST}:{PROXY_PORT}")
         columns.append(Column("pproxy", "pproxy", argv, proxy_cpus[0]))
-    if floor and default:  # floor.py speaks no-auth + IPv4 only
+    if floor and not path.name:  # floor.py speaks IPv4 literals only, with or without auth
         argv = (python, str(REPO / "bench" / "floor.py"), HOST, str(PROXY_PORT))
+        if path.auth:
+            argv += (USER, PASSWORD)
         columns.append(Column("floor", "python floor", argv, proxy_cpus[0], tunnels_only=True))
     if splice_relay and default:
         argv = (str(tmp / "splice_relay"), HOST, str(PROXY_PORT), str(TARGET_LIFETIME_S))
