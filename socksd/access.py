@@ -234,6 +234,13 @@ class ClientPolicy:
         self._cache[ip] = ok
         return ok
 
+    def refusing_rule(self, ip: str) -> str:
+        """The name of what refuses `ip` (for logs): its deny rule, else "access.clients"
+        (no rule allows it, or no rule at all and only loopback clients may connect)."""
+        key = ip_key(ip)
+        rule = first_match(self._rules, key, 0) if key is not None else None
+        return rule.name if rule is not None and rule.action == "deny" else "access.clients"
+
 
 def ingress_allowed(nets: tuple[Net, ...], ingress_ip: str) -> bool:
     """A user limited to `nets` (empty: no limit) came in on `ingress_ip`."""

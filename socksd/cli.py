@@ -9,6 +9,7 @@ Usage:
     socksd [--config PATH] [--listen HOST:PORT ...] [--workers N]
     socksd --check-config [--config PATH]
     socksd stats [--json] [--config PATH | --socket PATH]
+    socksd reload [--config PATH | --socket PATH]
     socksd passwd            (reads a password on stdin, prints its hash)
 """
 
@@ -22,7 +23,7 @@ import orjson
 
 from socksd import logs
 from socksd.config import Config, load_config, with_overrides
-from socksd.control import format_table, query
+from socksd.control import LATER_TIMEOUT, format_table, query
 from socksd.errors import EXIT_CONFIG, EXIT_OK, SocksdError
 from socksd.passwords import hash_password
 
@@ -32,8 +33,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="socksd",
         description="SOCKS5 proxy whose egress leaves from the IP the client came in on.",
         epilog="Other commands: `socksd stats [--json] [--config PATH]` shows a running "
-        "socksd's figures; `socksd passwd` reads a password on stdin and prints a hash "
-        "for auth.users.",
+        "socksd's figures; `socksd reload [--config PATH]` makes it re-read its config "
+        "and prints the outcome (exit status 2: the config is invalid, nothing changed); "
+        "`socksd passwd` reads a password on stdin and prints a hash for auth.users.",
     )
     p.add_argument("--config", metavar="PATH", help="TOML config (default: embedded)")
     p.add_argument(
@@ -78,6 +80,35 @@ def _stats(argv: list[str]) -> int:
     return EXIT_OK
 
 
+def _reload(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="socksd reload",
+        description="make a running socksd re-read its config (as SIGHUP does) and wait "
+        "for the outcome",
+    )
+    p.add_argument("--config", metavar="PATH", help="the config the server runs with")
+    p.add_argument("--socket", metavar="PATH", help="control socket (default: from the config)")
+    args = p.parse_args(argv)
+    path = args.socket or load_config(args.config).control.path()
+    outcome = query(path, "reload", timeout=LATER_TIMEOUT)
+    if not outcome.get("ok"):
+        # Nothing changed: the running config keeps serving. The message names the key.
+        print(f"socksd reload: {outcome.get('error', 'failed')}", file=sys.stderr)
+        return EXIT_CONFIG
+    revoked = outcome.get("revoked_total", 0)
+    print(
+        f"reloaded {outcome.get('config')} (reload {outcome.get('reload')}): "
+        f"changed {', '.join(outcome.get('changed') or ['nothing'])}; "
+        f"{revoked} connection(s) revoked; {outcome.get('workers_answered')} worker(s) "
+        f"applied it in {outcome.get('duration_ms')} ms"
+    )
+    if outcome.get("needs_restart"):
+        print(f"needs a restart to change: {', '.join(outcome['needs_restart'])}")
+    if outcome.get("workers_unanswered"):
+        print(f"workers that did not answer: {outcome['workers_unanswered']}")
+    return EXIT_OK
+
+
 def _serve(args: argparse.Namespace, config: Config) -> int:
     # Deferred imports: `workers` builds on `socksd`; this module is the composition root.
     from socksd.supervisor import Supervisor
@@ -99,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             return _passwd()
         if args_list[:1] == ["stats"]:
             return _stats(args_list[1:])
+        if args_list[:1] == ["reload"]:
+            return _reload(args_list[1:])
         args = _parser().parse_args(args_list)
         config = with_overrides(load_config(args.config), args.listen, args.workers)
         if args.check_config:

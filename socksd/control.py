@@ -1,8 +1,9 @@
 """The supervisor's local endpoints: the control socket and the optional metrics port.
 
 Owns: a non-blocking one-request-one-response server used for both (a unix socket
-answering `stats`, and a minimal HTTP GET /metrics), the `socksd stats` client, and the
-human table it prints.
+answering `stats` and `reload`, and a minimal HTTP GET /metrics), the `socksd stats`
+and `socksd reload` client, and the human table it prints. A response may come later
+than its request (`LATER`: a reload answers once every worker applied it).
 Must not: compute figures; it is handed a function that returns the aggregate.
 """
 
@@ -24,10 +25,20 @@ from socksd.errors import ListenError, SocksdError
 from socksd.handlers import ReadOnlyHandler
 
 MAX_REQUEST = 8192
-Responder = Callable[[bytes], bytes | None]  # request so far -> response, or None: need more
+
+
+class _Later:
+    """A responder's answer meaning: the response comes later, through `answer`."""
+
+
+LATER = _Later()
+Answer = Callable[[bytes], None]
+# (request so far, how to answer later) -> the response, None (need more) or LATER.
+Responder = Callable[[bytes, Answer], "bytes | None | _Later"]
 
 
 CONN_TIMEOUT = 5.0  # a request/response must be done within this, or it is dropped
+LATER_TIMEOUT = 60.0  # ... or this, when the response comes later (a reload)
 MAX_CONNS = 32  # concurrent connections per endpoint; more wait in the backlog
 _PAUSE = 1.0  # out of fds: stop accepting this long
 
@@ -35,7 +46,7 @@ _PAUSE = 1.0  # out of fds: stop accepting this long
 class _Conn:
     """One accepted connection: read a request, write the response, close."""
 
-    __slots__ = ("sock", "_endpoint", "_respond", "_inbuf", "_out", "deadline")
+    __slots__ = ("sock", "_endpoint", "_respond", "_inbuf", "_out", "deadline", "_waiting")
 
     def __init__(self, sock: socket.socket, endpoint: Endpoint, respond: Responder):
         self.sock = sock
@@ -43,6 +54,7 @@ class _Conn:
         self._respond = respond
         self._inbuf = b""
         self._out = b""
+        self._waiting = False
         self.deadline = time.monotonic() + CONN_TIMEOUT
         sock.setblocking(False)
         endpoint.sel.register(sock, selectors.EVENT_READ, self)
@@ -54,10 +66,27 @@ class _Conn:
             return
         except OSError:
             data = b""
-        self._inbuf += data
-        response = self._respond(self._inbuf) if data else None
-        if response is None and data and len(self._inbuf) < MAX_REQUEST:
+        if not data:
+            self.close()
             return
+        if self._waiting:
+            return  # nothing more is asked on a connection whose answer is pending
+        self._inbuf += data
+        response = self._respond(self._inbuf, self.answer)
+        if response is None and len(self._inbuf) < MAX_REQUEST:
+            return
+        if response is LATER:
+            # Still polled for reads: a client that gives up is noticed (EOF).
+            self.deadline = time.monotonic() + LATER_TIMEOUT
+            self._waiting = True
+            return
+        self.answer(response if isinstance(response, bytes) else b"")
+
+    def answer(self, response: bytes) -> None:
+        """Send `response` (empty: close without one)."""
+        if self.sock.fileno() < 0:
+            return  # expired or closed meanwhile
+        self._waiting = False
         if not response:
             self.close()
             return
@@ -184,20 +213,28 @@ def open_metrics_socket(address: ListenAddress) -> socket.socket:
     return sock
 
 
-def control_responder(aggregate: Callable[[], Mapping[str, Any]]) -> Responder:
-    def respond(request: bytes) -> bytes | None:
+def control_responder(
+    aggregate: Callable[[], Mapping[str, Any]],
+    reload: Callable[[Callable[[dict[str, Any]], None]], None],
+) -> Responder:
+    """`stats`: the aggregate now; `reload`: the reload's outcome once it is done."""
+
+    def respond(request: bytes, answer: Answer) -> bytes | None | _Later:
         if b"\n" not in request:
             return None
         command = request.split(b"\n", 1)[0].strip()
         if command == b"stats":
             return orjson.dumps(aggregate(), option=orjson.OPT_NON_STR_KEYS) + b"\n"
+        if command == b"reload":
+            reload(lambda outcome: answer(orjson.dumps(outcome) + b"\n"))
+            return LATER
         return orjson.dumps({"error": f"unknown command {command.decode(errors='replace')!r}"})
 
     return respond
 
 
 def metrics_responder(render: Callable[[], str]) -> Responder:
-    def respond(request: bytes) -> bytes | None:
+    def respond(request: bytes, answer: Answer) -> bytes | None | _Later:
         if b"\r\n\r\n" not in request and b"\n\n" not in request:
             return None
         line = request.split(b"\n", 1)[0].split()

@@ -140,7 +140,8 @@ _WORKER_UP = Family("worker_up", "gauge", "1 if the worker process is alive, els
 _WORKER_RESTARTS = Family("worker_restarts_total", "counter", "Times the slot was respawned.")
 
 _SUPERVISOR: tuple[tuple[str, Family], ...] = (
-    ("generation", Family("generation", "gauge", "Configuration generation being served.")),
+    ("generation", Family("generation", "gauge", "Worker process generation (1 until restart).")),
+    ("reloads", Family("reloads_total", "counter", "Configs applied in place since start.")),
     ("workers_wanted", Family("workers_wanted", "gauge", "Worker slots the supervisor keeps.")),
     ("uptime_s", Family("uptime_seconds", "gauge", "Seconds since the supervisor started.")),
 )

@@ -387,6 +387,7 @@ class WorkerView:
 class SupervisorSummary(TypedDict):
     pid: int
     generation: int
+    reloads: int
     workers_wanted: int
     uptime_s: float
     config: str
@@ -482,7 +483,8 @@ class SupervisorFacts:
     """What only the supervisor knows, as the aggregate needs it."""
 
     pid: int
-    generation: int
+    generation: int  # of the workers' processes (only a restart starts another)
+    reloads: int  # configs applied in place since start
     started: float  # monotonic
     config: str  # where the configuration came from
     restarts: tuple[int, ...]  # by slot of the current generation: quick deaths in a row
@@ -563,6 +565,7 @@ def aggregate(
         "supervisor": {
             "pid": facts.pid,
             "generation": facts.generation,
+            "reloads": facts.reloads,
             "workers_wanted": len(restarts),
             "uptime_s": round(now - facts.started, 1),
             "config": facts.config,

@@ -2,14 +2,20 @@
 
 Owns: listeners (opened before any fork, kept open so no accept queue is ever reset),
 raising the soft fd limit first (through socksd.kernel) so every worker inherits it,
-forking and replacing workers, generations on reload, signals, reading the workers'
-stats pipes, the control socket, systemd notifications.
+forking and replacing workers, reloads (the new config sent to the running workers
+over each one's channel, their answers gathered into one `reload_done`), signals,
+reading the workers' stats pipes, the control socket, systemd notifications.
 Must not: know SOCKS, or what a stats line holds and how figures are summed
 (socksd.stats does). The worker's entry point is injected by `socksd.cli`.
 
 Signals wake this process's own selector loop (the handlers do nothing): TERM/INT
-drain and exit 0, QUIT stops at once, HUP reloads, CHLD reaps, USR1 makes every
-worker log its `egress_stats`.
+drain and exit 0, QUIT stops at once, HUP reloads (as `socksd reload` does), CHLD
+reaps, USR1 makes every worker log its `egress_stats`.
+
+A reload replaces no worker: each gets the new config (and this slot's sockets of any
+new listen address) on its channel, swaps it in, revokes the connections the new
+config refuses and answers; `reload_done` follows the last answer. Only a change in
+the number of workers spawns (or drains) the slots concerned.
 
 The loop (`run()`): wait up to 0.25 s for a signal, a stats line or a control
 request; reap exited workers; then `tick()`, one pass of named steps, each of which
@@ -32,8 +38,9 @@ from typing import Any
 
 import setproctitle
 
-from socksd import logs, metrics, notify, stats
-from socksd.config import Config, ListenAddress
+from socksd import logs, metrics, notify, reloading, stats
+from socksd.channel import APPLIED, CONFIG, Channel, ChannelError
+from socksd.config import Config, ListenAddress, users_file_path
 from socksd.control import (
     Endpoint,
     control_responder,
@@ -48,8 +55,9 @@ from socksd.signals import SignalPipe
 from socksd.stats import Aggregate, SupervisorFacts, WorkerView, add_counters
 from socksd.timewait import TimeWaitSample, sample_time_wait
 
-WorkerEntry = Callable[[Config, list[socket.socket], int, int, int, int], int]
+WorkerEntry = Callable[[Config, list[socket.socket], int, int, int, int, socket.socket], int]
 Loader = Callable[[], Config]
+ReloadWaiter = Callable[[dict[str, Any]], None]  # gets the reload's outcome
 _SIGNALS = (
     signal.SIGTERM,
     signal.SIGINT,
@@ -61,6 +69,12 @@ _SIGNALS = (
 _KILL_GRACE = 5.0  # after TERM to a hung worker, or past the drain deadline
 # ~0.5 us a row: a sample never holds the supervisor's loop for more than ~0.1 s.
 _TIMEWAIT_ROWS = 200_000
+# A worker that has not applied a reload this long after it was sent is reported as
+# not answering (`reload_done` names it); the heartbeat watch deals with a hung one.
+_RELOAD_ANSWER_TIMEOUT = 10.0
+# auth.watch: how often the users file is stat()ed (a change reaches the workers
+# within this plus the reload's own time).
+_WATCH_INTERVAL = 0.5
 
 
 @dataclass(eq=False)
@@ -69,6 +83,7 @@ class Proc:
 
     view: WorkerView
     pipe: int  # the read end of its stats pipe; -1 once closed
+    link: Channel | None = None  # its reload channel; None once closed
     term_at: float | None = None  # when we sent SIGTERM
     kill_after: float = 0.0
 
@@ -92,6 +107,36 @@ class _Pipe:
 
     def on_readable(self) -> None:
         self.sup.read_stats(self.proc)
+
+
+@dataclass(eq=False)
+class _Link:
+    """Readiness handler of one worker's reload channel in the supervisor's selector."""
+
+    proc: Proc
+    sup: Supervisor = field(repr=False)
+
+    def on_readable(self) -> None:
+        self.sup.read_link(self.proc)
+
+    def on_writable(self) -> None:
+        self.sup.write_link(self.proc)
+
+
+@dataclass
+class _Reload:
+    """One reload sent to the workers, until each has answered (or gone)."""
+
+    number: int
+    started: float
+    changed: list[str]
+    needs_restart: list[str]
+    waiting: set[int]  # pids of the workers yet to answer
+    waiters: list[ReloadWaiter]
+    spawned: int = 0  # slots added by a larger `workers`
+    drained: int = 0  # workers told to drain: slots removed by a smaller `workers`
+    revoked: dict[str, int] = field(default_factory=dict)
+    answered: int = 0
 
 
 class Supervisor:
@@ -127,7 +172,9 @@ class Supervisor:
         self.sel.register(self.wake.r, selectors.EVENT_READ, self.wake)
         self._control_path = config.control.path()
         self.control = Endpoint(
-            open_control_socket(self._control_path), self.sel, control_responder(self.aggregate)
+            open_control_socket(self._control_path),
+            self.sel,
+            control_responder(self.aggregate, self.reload),
         )
         self.metrics: Endpoint | None = None
         if config.metrics_listen is not None:
@@ -138,10 +185,12 @@ class Supervisor:
             )
         self.time_wait = TimeWaitSample(total=0, by_pair=(), truncated=False)
         self.stopping: float | None = None  # drain deadline once stopping
-        self.retiring: list[Proc] = []  # the previous generation, until the new one is up
+        self.reloads = 0  # reloads applied (or under way) since start
+        self._pending: dict[int, _Reload] = {}  # reload number -> answers awaited
         self.fatal: str | None = None
         self.ready_sent = False
-        self._next = {"stats_log": 0.0, "timewait": 0.0, "status": 0.0}
+        self._next = {"stats_log": 0.0, "timewait": 0.0, "status": 0.0, "watch": 0.0}
+        self._users_file_seen = _file_signature(users_file_path(config))
 
     # -- signals ------------------------------------------------------------------------
 
@@ -173,46 +222,183 @@ class Supervisor:
             self._signal(proc, signal.SIGTERM if graceful else signal.SIGQUIT)
             proc.kill_after = self.stopping
 
-    def reload(self) -> None:
-        """HUP: validate the new config, then a new generation on the same sockets.
+    def reload(self, waiter: ReloadWaiter | None = None) -> None:
+        """HUP or `socksd reload`: validate the config again and apply it in place.
 
-        Control socket and metrics address changes need a restart.
+        A config that does not validate changes nothing (`reload_failed`). Otherwise the
+        settings of `reloading.RESTART_ONLY` keep their running values (and are
+        named), listen sockets are opened or closed, slots are added or drained, and
+        every running worker gets the new config on its channel; `waiter` (and
+        `reload_done`) get the outcome once all of them answered.
         """
         self.notifier.reloading()
+        started = time.monotonic()
         try:
-            new = self._load()
-            listeners = self._listeners_for(new)
+            loaded = self._load()
+            # What was read (stat()ed after it: a later write is seen by the watch).
+            self._users_file_seen = _file_signature(users_file_path(loaded))
+            listeners = self._listeners_for(loaded)
         except SocksdError as exc:
             # A bad config is an operator error: its message, not a traceback.
             self.log.error("reload_failed", error=str(exc), keeping=self.config.source)
-            self.notifier.ready()
+            self.notifier.ready(self._status())
+            if waiter is not None:
+                waiter({"ok": False, "error": str(exc)})
             return
-        kept = {id(sock) for socks in listeners.values() for sock in socks}
-        for socks in self.listeners.values():
-            for sock in socks:
-                if id(sock) not in kept:
-                    sock.close()  # removed address or slot: its old worker drains
-        self.listeners = listeners
-        logs.configure(new.log.level)
-        old = list(self.procs.values())
-        self.config, self.gen = new, self.gen + 1
-        self.slots = [Slot(i) for i in range(new.worker_count)]
-        self.ready_sent = False
-        # The old generation keeps serving until every new worker is ready
-        # (_promote_when_ready()).
-        self.retiring += old
-        self.log.info(
-            "reloaded",
-            generation=self.gen,
-            config=new.source,
-            listen=[str(a) for a in new.listen],
-            workers=new.worker_count,
-            draining=len(old),
+        old = self.config
+        new = reloading.carry_over(old, loaded)
+        added = self._swap_listeners(listeners)
+        if new.log.level != old.log.level:
+            logs.configure(new.log.level)
+            self.log = logs.get_logger()
+        self.config = new
+        self.reloads += 1
+        pending = _Reload(
+            number=self.reloads,
+            started=started,
+            changed=reloading.changed_sections(old, new),
+            needs_restart=reloading.needs_restart(old, loaded),
+            waiting=set(),
+            waiters=[] if waiter is None else [waiter],
         )
+        self._resize(pending, new.worker_count)
+        bound = [(a.host, socks[0].getsockname()[1]) for a, socks in self.listeners.items()]
+        for slot in self.slots:
+            proc = slot.proc
+            if proc is None or proc.link is None:
+                continue  # a slot waiting for its respawn forks with the new config
+            fds = tuple(socks[slot.index].fileno() for socks in added)
+            body = {"reload": pending.number, "config": new, "listen": bound}
+            self._send_link(proc, CONFIG, body, fds)
+            pending.waiting.add(proc.view.pid)
+        self._pending[pending.number] = pending
         # The new limits may need more fds than the (unchanged) fd limit gives.
         for event, fields in check_nofile(self.nofile, new):
             if event == "nofile_limit_low":
                 self.log.warning(event, **fields)
+        self._finish_reload(pending)
+
+    def _swap_listeners(
+        self, listeners: dict[ListenAddress, list[socket.socket]]
+    ) -> list[list[socket.socket]]:
+        """Make `listeners` ours; close the sockets it dropped (a removed address, or a
+        removed slot: their workers' copies keep serving tunnels already accepted).
+
+        Returns:
+            The slot sockets of each address that is new (in the same order).
+        """
+        old = {id(sock) for socks in self.listeners.values() for sock in socks}
+        kept = {id(sock) for socks in listeners.values() for sock in socks}
+        for socks in self.listeners.values():
+            for sock in socks:
+                if id(sock) not in kept:
+                    sock.close()
+        self.listeners = listeners
+        return [socks for socks in listeners.values() if id(socks[0]) not in old]
+
+    def _resize(self, pending: _Reload, count: int) -> None:
+        """Add slots (spawned by the next tick) or drain the workers of removed ones."""
+        while len(self.slots) < count:
+            self.slots.append(Slot(len(self.slots)))
+            pending.spawned += 1
+        deadline = time.monotonic() + self.config.shutdown_timeout + _KILL_GRACE
+        for slot in self.slots[count:]:
+            if slot.proc is not None:
+                self._signal(slot.proc, signal.SIGTERM)  # drain, tunnels are not cut
+                slot.proc.kill_after = deadline
+                pending.drained += 1
+        del self.slots[count:]
+
+    def read_link(self, proc: Proc) -> None:
+        """A worker's answers on its channel."""
+        link = proc.link
+        if link is None:
+            return
+        try:
+            frames = link.read()
+        except ChannelError as exc:
+            self.log.error("channel_broken", worker=proc.view.slot, error=str(exc))
+            frames = None
+        if frames is None:
+            self._close_link(proc)
+            return
+        for frame in frames:
+            if frame.kind == APPLIED:
+                self._applied(proc, frame.body)
+
+    def write_link(self, proc: Proc) -> None:
+        if proc.link is not None:
+            self._flush_link(proc)
+
+    def _send_link(self, proc: Proc, kind: int, body: Any, fds: tuple[int, ...]) -> None:
+        assert proc.link is not None
+        proc.link.send(kind, body, fds)
+        self._flush_link(proc)
+
+    def _flush_link(self, proc: Proc) -> None:
+        link = proc.link
+        assert link is not None
+        try:
+            link.write()
+        except OSError:
+            self._close_link(proc)  # the worker is gone; the reaper will see it
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if link.wants_write() else 0)
+        self.sel.modify(link.fileno(), events, _Link(proc, self))
+
+    def _close_link(self, proc: Proc) -> None:
+        link, proc.link = proc.link, None
+        if link is None:
+            return
+        self.sel.unregister(link.fileno())
+        link.close()
+        self._forget_answers(proc)
+
+    def _applied(self, proc: Proc, body: dict[str, Any]) -> None:
+        """A worker applied reload `body["reload"]`: count its figures."""
+        pending = self._pending.get(body.get("reload", -1))
+        if pending is None or proc.view.pid not in pending.waiting:
+            return
+        pending.waiting.discard(proc.view.pid)
+        pending.answered += 1
+        for by, n in body.get("revoked", {}).items():
+            pending.revoked[by] = pending.revoked.get(by, 0) + n
+        self._finish_reload(pending)
+
+    def _forget_answers(self, proc: Proc) -> None:
+        """`proc` is gone: no reload waits for its answer any more."""
+        for pending in list(self._pending.values()):
+            if proc.view.pid in pending.waiting:
+                pending.waiting.discard(proc.view.pid)
+                self._finish_reload(pending)
+
+    def _finish_reload(self, pending: _Reload, timed_out: bool = False) -> None:
+        """Once no answer is awaited: `reload_done`, READY=1, and the waiters' outcome."""
+        if pending.waiting and not timed_out:
+            return
+        self._pending.pop(pending.number, None)
+        outcome = {
+            "ok": True,
+            "reload": pending.number,
+            "config": self.config.source,
+            "listen": [self._describe(a) for a in self.listeners],
+            "changed": pending.changed,
+            "revoked": pending.revoked,
+            "revoked_total": sum(pending.revoked.values()),
+            "workers_answered": pending.answered,
+            "workers_unanswered": len(pending.waiting),
+            "workers_replaced": 0,
+            "workers_spawned": pending.spawned,
+            "workers_drained": pending.drained,
+            "needs_restart": pending.needs_restart,
+            "duration_ms": round((time.monotonic() - pending.started) * 1000, 1),
+        }
+        log = self.log.warning if pending.waiting or pending.needs_restart else self.log.info
+        log("reload_done", **{k: v for k, v in outcome.items() if k != "ok"})
+        if not self._pending and self.stopping is None and self.ready_sent:
+            self.notifier.ready(self._status())
+        for waiter in pending.waiters:
+            waiter(outcome)
 
     def _listeners_for(self, new: Config) -> dict[ListenAddress, list[socket.socket]]:
         """The slot sockets `new` needs, reusing ours; on error close only what it opened."""
@@ -240,16 +426,18 @@ class Supervisor:
     # -- workers ------------------------------------------------------------------------
 
     def spawn(self, slot: Slot) -> None:
-        """Fork a worker of the current generation into `slot`, with its stats pipe."""
+        """Fork a worker into `slot`, with its stats pipe and its reload channel."""
         r, w = os.pipe()
+        ours, theirs = Channel.pair()
         pid = os.fork()
         if pid == 0:  # the child: become a worker, never return
             code = EXIT_BOOT
             try:
                 os.close(r)
+                ours.close()
                 self._become_worker(slot.index)
                 socks = [socks[slot.index] for socks in self.listeners.values()]
-                code = self._entry(self.config, socks, slot.index, self.gen, w, self._pid)
+                code = self._entry(self.config, socks, slot.index, self.gen, w, self._pid, theirs)
             except BaseException:  # noqa: BLE001 - the child must never return to us
                 traceback.print_exc()
                 code = EXIT_BOOT
@@ -259,14 +447,18 @@ class Supervisor:
                     sys.stdout.flush()
                 os._exit(code)
         os.close(w)
+        theirs.close()
         os.set_blocking(r, False)
         now = time.monotonic()
         proc = Proc(
-            WorkerView(slot=slot.index, gen=self.gen, pid=pid, started=now, last_seen=now), r
+            WorkerView(slot=slot.index, gen=self.gen, pid=pid, started=now, last_seen=now),
+            r,
+            Channel(ours),
         )
         self.procs[pid] = proc
         slot.proc, slot.spawn_at = proc, None
         self.sel.register(r, selectors.EVENT_READ, _Pipe(proc, self))
+        self.sel.register(ours, selectors.EVENT_READ, _Link(proc, self))
         self.log.info("worker_spawned", worker=slot.index, gen=self.gen, worker_pid=pid)
 
     def _become_worker(self, index: int) -> None:
@@ -285,6 +477,8 @@ class Supervisor:
         for proc in self.procs.values():
             if proc.pipe >= 0:  # -1: EOF already read, the process not yet reaped
                 os.close(proc.pipe)
+            if proc.link is not None:
+                proc.link.sock.close()
         self.control.close_all()
         if self.metrics is not None:
             self.metrics.close_all()
@@ -337,6 +531,7 @@ class Supervisor:
             self.read_stats(proc)  # the bye line, if it is still in the pipe
             if proc.pipe >= 0:
                 self._close_pipe(proc)
+        self._close_link(proc)
         view = proc.view
         add_counters(self.retired, view.counters)
         self.log.info(
@@ -353,8 +548,9 @@ class Supervisor:
         slot.proc = None
         if code == EXIT_BOOT and not view.hello:
             self.fatal = f"worker {view.slot} failed to boot (exit status {code})"
-            # During a reload the old generation still serves: let it drain.
-            self.stop(graceful=bool(self.retiring))
+            # Workers that did boot (a slot added by a reload failed) may be serving
+            # tunnels: let them drain.
+            self.stop(graceful=any(p.view.hello for p in self.procs.values()))
             return False
         self._schedule_respawn(slot, view, code)
         return True
@@ -369,7 +565,7 @@ class Supervisor:
 
     def _slot_of(self, proc: Proc) -> Slot | None:
         """The current generation's slot `proc` occupies, or None (retired or replaced)."""
-        if proc.view.gen != self.gen or proc.view.slot >= len(self.slots):
+        if proc.view.slot >= len(self.slots):
             return None
         slot = self.slots[proc.view.slot]
         return slot if slot.proc is proc else None
@@ -389,6 +585,8 @@ class Supervisor:
         self._spawn_due(now)
         self._watch_heartbeats(now)
         self._kill_overdue(now)
+        self._expire_reloads(now)
+        self._watch_users_file(now)
         self._promote_when_ready(now)
         self._sample_time_wait(now)
         self._update_status(now)
@@ -422,19 +620,31 @@ class Supervisor:
             if proc.term_at is not None and now > proc.kill_after:
                 self._signal(proc, signal.SIGKILL)
 
+    def _expire_reloads(self, now: float) -> None:
+        """A reload whose answers are overdue is done without them (and says so)."""
+        for pending in list(self._pending.values()):
+            if now - pending.started > _RELOAD_ANSWER_TIMEOUT:
+                self._finish_reload(pending, timed_out=True)
+
+    def _watch_users_file(self, now: float) -> None:
+        """auth.watch: reload when the users file's mtime, size or inode changed (a
+        provisioning system's atomic rename is a new inode)."""
+        if not self.config.auth.watch or now < self._next["watch"] or self.stopping:
+            return
+        self._next["watch"] = now + _WATCH_INTERVAL
+        seen = _file_signature(users_file_path(self.config))
+        if seen != self._users_file_seen:
+            self.log.info("users_file_changed", path=str(users_file_path(self.config)))
+            self._users_file_seen = seen
+            self.reload()
+
     def _promote_when_ready(self, now: float) -> None:
-        """Once every slot's worker has said hello: drain the previous generation, send
-        READY=1 and log `supervisor_ready` (once per generation)."""
+        """Once every slot's worker has said hello at start: send READY=1 and log
+        `supervisor_ready` (once)."""
         current = [s.proc for s in self.slots]
         if self.ready_sent or not all(p is not None and p.view.hello for p in current):
             return
         self.ready_sent = True
-        deadline = now + self.config.shutdown_timeout + _KILL_GRACE
-        for proc in self.retiring:
-            if proc.view.pid in self.procs:
-                self._signal(proc, signal.SIGTERM)  # drain, tunnels are not cut
-                proc.kill_after = deadline
-        self.retiring = []
         self.notifier.ready(self._status())
         self.log.info(
             "supervisor_ready",
@@ -487,7 +697,7 @@ class Supervisor:
     def _status(self) -> str:
         """The one-line status for systemd."""
         open_tunnels = sum(v.gauges.get("open_tunnels", 0) for v in self._views())
-        return f"{open_tunnels} open tunnels, {len(self.procs)} workers, generation {self.gen}"
+        return f"{open_tunnels} open tunnels, {len(self.procs)} workers, {self.reloads} reloads"
 
     def _views(self) -> list[WorkerView]:
         """What every live worker reported, old generations included."""
@@ -501,6 +711,7 @@ class Supervisor:
             facts=SupervisorFacts(
                 pid=self._pid,
                 generation=self.gen,
+                reloads=self.reloads,
                 started=self.started,
                 config=self.config.source,
                 restarts=tuple(slot.failures for slot in self.slots),
@@ -562,3 +773,14 @@ class Supervisor:
     def _bound_addresses(self) -> list[ListenAddress]:
         """Every listen address with the port it is bound to."""
         return [ListenAddress(a.host, s[0].getsockname()[1]) for a, s in self.listeners.items()]
+
+
+def _file_signature(path: os.PathLike[str] | None) -> tuple[int, int, int] | None:
+    """(mtime_ns, size, inode) of `path`; None when it is not set or not there."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)

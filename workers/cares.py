@@ -70,6 +70,7 @@ class CaresBackend:
         self._sockets: dict[int, _Socket] = {}
         self._timer: Timer | None = None
         self._pending = 0
+        self._retired = False
         options: dict[str, Any] = {
             "sock_state_cb": self._sock_state,
             # c-ares' per-try timeout: its tries fit in the time a lookup is given.
@@ -82,11 +83,12 @@ class CaresBackend:
         }
         if config.nameservers:
             options["servers"] = list(config.nameservers)
-        self._channel = pycares.Channel(**options)
+        self._channel: pycares.Channel | None = pycares.Channel(**options)
 
     def lookup(self, name: str, done: Done) -> None:
         """Both families of `name` (an A and an AAAA query); `done` once, maybe before
         this returns (c-ares' own cache, or a name such as "localhost")."""
+        assert self._channel is not None  # a retired backend gets no new lookups
         self._pending += 1
         self._channel.getaddrinfo(
             name,
@@ -99,19 +101,32 @@ class CaresBackend:
 
     def finished(self) -> None:
         self._pending -= 1
+        if self._retired and self._pending <= 0:
+            # Not from inside c-ares' own callback: on the next loop pass.
+            self._loop.call_later(0.0, self.close)
+
+    def retire(self) -> None:
+        """Replaced by a reload: close once the lookups under way have their answers."""
+        self._retired = True
+        if self._pending <= 0:
+            self._loop.call_later(0.0, self.close)
 
     def process(self, read_fd: int, write_fd: int) -> None:
         """A c-ares socket is ready (or, with both BAD, its timeouts are due)."""
-        self._channel.process_fd(read_fd, write_fd)
-        self._arm()
+        if self._channel is not None:
+            self._channel.process_fd(read_fd, write_fd)
+            self._arm()
 
     def close(self) -> None:
+        if self._channel is None:
+            return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         for sock in list(self._sockets.values()):
             self._sock_state(sock.fd, False, False)
         self._channel.close()
+        self._channel = None
 
     def _sock_state(self, fd: int, readable: bool, writable: bool) -> None:
         """c-ares opened, changed or is closing one of its sockets."""
@@ -131,7 +146,7 @@ class CaresBackend:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._pending > 0:
+        if self._pending > 0 and self._channel is not None:
             # 0.0 is also c-ares' "no timeout pending": poll then, never spin.
             delay = self._channel.timeout() or 0.05  # type: ignore[no-untyped-call]
             self._timer = self._loop.call_later(delay, self._on_timer)

@@ -52,6 +52,20 @@ class DnsCache:
         self._negative_ttl = negative_ttl
         self._stale_ttl = stale_ttl
 
+    def retune(
+        self, *, size: int, min_ttl: float, max_ttl: float, negative_ttl: float, stale_ttl: float
+    ) -> None:
+        """Take a reload's limits: entries are kept (the least recently used dropped
+        down to `size`); the TTL clamps apply to answers cached from now on."""
+        self._size = size
+        self._min_ttl, self._max_ttl = min_ttl, max_ttl
+        self._negative_ttl, self._stale_ttl = negative_ttl, stale_ttl
+        while len(self._entries) > size:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
     def __len__(self) -> int:
         return len(self._entries)
 

@@ -71,9 +71,6 @@ class Limits:
     path asks nothing."""
 
     def __init__(self, config: Config, log: Any, counters: WorkerCounters) -> None:
-        self._cfg = config.limits
-        self._users = config.access.users
-        self.max_tunnels = config.worker_tunnel_limit()
         self._per_ip: dict[str, int] = {}
         self._per_user: dict[str, int] = {}
         self._buckets: dict[str, _Bucket] = {}
@@ -81,6 +78,16 @@ class Limits:
         self._log = log
         self._gates: dict[str, LogGate] = {}  # one per refusal reason: a fixed set
         self._counters = counters
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """Take (a reload's) limits. Open-tunnel counts and failed logins are kept; the
+        token buckets start full again under the new rates. Counting starts when a
+        limit is switched on: tunnels opened before it are not counted against it."""
+        self._cfg = config.limits
+        self._users = config.access.users
+        self.max_tunnels = config.worker_tunnel_limit()
+        self._buckets.clear()
         per_user = self._cfg.max_tunnels_per_user or self._cfg.user_rate
         self.claims_needed = bool(
             self._cfg.max_tunnels_per_client_ip

@@ -1,7 +1,8 @@
 """A worker process's life: boot, serve until told to stop, drain, clean up.
 
 Owns: signal handling inside the worker, process title, log context, building the
-per-worker singletons, the acceptors and the reporter, graceful drain.
+per-worker singletons, the acceptors, the reporter and the supervisor's channel
+(reloads: `workers.reload`), graceful drain.
 Must not: parse configuration (it receives a validated `Config`) or open listeners.
 
 Signals: TERM/INT stop accepting and let open connections finish within
@@ -32,6 +33,7 @@ from workers.counters import WorkerCounters
 from workers.limits import Limits
 from workers.loop import EVENT_READ, Loop
 from workers.pressure import PortPressure
+from workers.reload import WorkerChannel
 from workers.reporter import Reporter
 from workers.resolver import Resolver
 
@@ -87,6 +89,7 @@ class Worker:
         generation: int,
         stats_fd: int | None,
         supervisor_pid: int | None,
+        channel: socket.socket | None = None,
     ) -> None:
         """Build the worker's once-per-process objects; nothing runs before `run()`.
 
@@ -98,8 +101,9 @@ class Worker:
             stats_fd: the write end of the stats pipe; None: no supervisor reads.
             supervisor_pid: the supervisor's pid as the fork saw it (None: the parent
                 as getppid() sees it when the reporter is built).
+            channel: this worker's end of the supervisor's channel (reloads); None:
+                no supervisor sends any.
         """
-        self.config = config
         self.log = logs.get_logger()
         self.loop = loop = Loop()
         self.settings = read_kernel_settings()
@@ -107,7 +111,7 @@ class Worker:
         self.resolver = ctx.resolver
         self.pressure = ctx.pressure
         timeouts = config.timeouts
-        sweeps.start(
+        self.sweeps = sweeps.start(
             loop,
             handshakes=ctx.handshakes,
             open_conns=ctx.open,
@@ -135,6 +139,16 @@ class Worker:
         self.acceptors = [Acceptor(self.ctx, sock, describe(sock)) for sock in listeners]
         self.stop_signal: int | None = None
         self._drain_deadline: float | None = None
+        self.channel = None if channel is None else WorkerChannel(self, channel)
+
+    @property
+    def config(self) -> Config:
+        """The config in force (a reload replaces it in the context)."""
+        return self.ctx.config
+
+    @property
+    def draining(self) -> bool:
+        return self._drain_deadline is not None
 
     # -- signals --------------------------------------------------------------------
 
@@ -164,10 +178,9 @@ class Worker:
         for acceptor in self.acceptors:
             acceptor.close()  # the supervisor keeps the socket: its queue survives
         self.acceptors = []
-        self._drain_deadline = self.loop.now + self.config.shutdown_timeout
-        self.log.info(
-            "worker_draining", open=len(self.ctx.open), timeout_s=self.config.shutdown_timeout
-        )
+        timeout = self.ctx.config.shutdown_timeout  # a reload may have changed it
+        self._drain_deadline = self.loop.now + timeout
+        self.log.info("worker_draining", open=len(self.ctx.open), timeout_s=timeout)
         self._check_drained()
 
     def _check_drained(self) -> None:
@@ -197,6 +210,8 @@ class Worker:
                 conn.close("worker_stopping", abortive=True)
             self.log_egress_stats()
             self.reporter.bye()
+            if self.channel is not None:
+                self.channel.close()
             self.loop.unregister(self.signals.r)
             self.signals.close()
             self.resolver.close()
@@ -215,6 +230,7 @@ def run_worker(
     generation: int = 1,
     stats_fd: int | None = None,
     supervisor_pid: int | None = None,
+    channel: socket.socket | None = None,
 ) -> int:
     """Serve SOCKS clients on `listeners` until told to stop; return the exit code."""
     setproctitle.setproctitle(f"socksd: worker {slot}")
@@ -226,5 +242,6 @@ def run_worker(
         generation=generation,
         stats_fd=stats_fd,
         supervisor_pid=supervisor_pid,
+        channel=channel,
     )
     return worker.run()

@@ -104,6 +104,12 @@ class PortPressure:
         # per target, not once per connect.
         self.targets: dict[tuple[str, str, int], TargetCounters] = {}
 
+    def retune(self, threshold: float, max_targets: int) -> None:
+        """A reload's `egress.pressure_threshold` and `max_tracked_targets`: figures
+        kept; a smaller table sheds its coldest targets at the next new one."""
+        self._threshold = threshold
+        self._max_targets = max_targets
+
     def ip(self, ip: str) -> IpCounters:
         ipc = self.ips.get(ip)
         if ipc is None:

@@ -24,6 +24,7 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any
 
+from socksd.revocation import Grant
 from workers.egress import abort
 from workers.events import errno_name, tunnel_closed
 from workers.limits import Claim
@@ -138,6 +139,7 @@ class Relay:
         "_lease",
         "_target_closed_first",
         "_claim",
+        "_grant",
     )
 
     def __init__(
@@ -154,10 +156,13 @@ class Relay:
         claim: Claim | None,
         client_mask: int,
         upstream_mask: int,
+        grant: Grant,
     ) -> None:
         """Take over two connected sockets, with their loop registrations (masks, 0:
-        none), the bytes owed to each and the tunnel's bound logger."""
+        none), the bytes owed to each, the tunnel's bound logger and what it was
+        admitted on (`grant`, re-checked by a reload)."""
         self._ctx = ctx
+        self._grant = grant
         loop = self._loop = ctx.loop
         self._view = ctx.buffer
         self._size = len(ctx.buffer)
@@ -335,6 +340,16 @@ class Relay:
     def _abort(self, side: _Side, exc: BaseException) -> None:
         who = "client" if side is self.client else "upstream"
         self.close(f"{who}_{errno_name(getattr(exc, 'errno', 0))}", abortive=True)
+
+    def granted(self) -> Grant:
+        """What the tunnel was admitted on (a reload re-checks it)."""
+        return self._grant
+
+    def revoke(self, by: str) -> None:
+        """A reload's new config refuses this tunnel: reset both sides now (the client
+        must not mistake the cut for the end of the stream); `by` says why."""
+        self._log = self._log.bind(revoked_by=by)
+        self.close("revoked", abortive=True)
 
     def crash(self, exc: BaseException) -> None:
         self._log.error("tunnel_crashed", exc_info=exc)

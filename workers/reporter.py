@@ -62,7 +62,7 @@ class Reporter:
         self._open = open_conns
         self._slot = slot
         self._gen = generation
-        self._interval = interval
+        self.interval = interval
         self._seq = 0
         # Required (no default) so that no caller forgets it: reading getppid() here
         # would miss a supervisor that died between the fork and this line.
@@ -75,7 +75,7 @@ class Reporter:
     def start(self) -> None:
         """Say hello, then flush every `interval` seconds."""
         self._send({"kind": "hello"})
-        self._timer = self._loop.call_later(self._interval, self._tick)
+        self._timer = self._loop.call_later(self.interval, self._tick)
 
     def _tick(self) -> None:
         if os.getppid() != self._parent:
@@ -84,7 +84,7 @@ class Reporter:
         if self._fd is None and self._parent:
             return  # orphaned already: draining
         self.flush()
-        self._timer = self._loop.call_later(self._interval, self._tick)
+        self._timer = self._loop.call_later(self.interval, self._tick)
 
     def flush(self) -> None:
         """Send the current figures now (also called at exit)."""

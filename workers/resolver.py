@@ -65,7 +65,30 @@ class Resolver:
         )
         self._lookups: dict[str, _Lookup] = {}  # name -> the lookup under way
         self._max_ttl = config.max_ttl
+        self._config = config
         self.counters = counters
+
+    def reconfigure(self, config: ResolverConfig, *, connect_timeout: float) -> None:
+        """Take a reload's settings. `backend` and `threads` stay as started (a restart
+        changes them; the supervisor says so). New nameservers, timeout or tries get a
+        new c-ares channel: lookups under way finish on the old one, and answers
+        cached from the old servers are dropped when the servers change."""
+        old, self._config = self._config, config
+        self._timeout = min(config.timeout, connect_timeout)
+        self._max_ttl = config.max_ttl
+        self._cache.retune(
+            size=config.cache_size,
+            min_ttl=config.min_ttl,
+            max_ttl=config.max_ttl,
+            negative_ttl=config.negative_ttl,
+            stale_ttl=config.stale_ttl,
+        )
+        channel = (config.nameservers, config.timeout, config.tries)
+        if self._cares is not None and channel != (old.nameservers, old.timeout, old.tries):
+            self._cares.retire()
+            self._cares = CaresBackend(self._loop, config, self._timeout)
+        if config.nameservers != old.nameservers:
+            self._cache.clear()
 
     def resolve(self, host: str, port: int, callback: ResolveCallback) -> None:
         """Resolve `host` for a TCP connect to `port`; see the module docstring."""

@@ -53,6 +53,7 @@ from socksd.codec import (
     UserPassAuth,
 )
 from socksd.config import hostport
+from socksd.revocation import Grant
 from socksd.socks4 import Socks4ServerConnection
 from socksd.socks5 import Socks5ServerConnection, choose_method
 from workers import admission, bind, egress, udp
@@ -176,6 +177,7 @@ class Session:
         "_protocol",
         "_bind",
         "_credentials_next",
+        "_credential",
     )
 
     def __init__(
@@ -205,6 +207,8 @@ class Session:
         self._connector: egress.Connector | None = None
         self._failure: egress.EgressFailed | None = None
         self._user: str | None = None
+        # The user's password hash when it logged in: a reload that changes it revokes.
+        self._credential: str | None = None
         self._claim: Claim | None = None  # this tunnel's place in per-IP/per-user counts
         self._bind: BindWaiter | None = None
         self._first_byte = True  # the first byte read picks the front door
@@ -382,6 +386,7 @@ class Session:
             self._client_gone()
             return
         user = self._user = username.decode("utf-8", "replace")
+        self._credential = ctx.config.auth.users.get(user)
         self._learned({"user": user})
 
     def _on_auth(self, event: UserPassAuth) -> None:
@@ -418,6 +423,8 @@ class Session:
             # RFC 1929: a non-zero status MUST be followed by closing the connection.
             self._handshake_failed("auth_failed", user=self._user)
             return
+        assert self._user is not None
+        self._credential = self._ctx.config.auth.users.get(self._user)
         self._learned({"user": self._user})
         self._transition(_HANDSHAKE)
         self._update()
@@ -552,8 +559,10 @@ class Session:
         self._connect_next()
 
     def on_egress_connected(self, upstream: socket.SocketType, lease: TargetCounters) -> None:
-        self._connector = None
-        self._relay(upstream, upstream.getsockname(), lease, EVENT_WRITE)
+        connector, self._connector = self._connector, None
+        assert connector is not None
+        target = connector.target
+        self._relay(upstream, upstream.getsockname(), lease, EVENT_WRITE, (target[0], target[1]))
 
     # -- BIND, UDP ASSOCIATE --------------------------------------------------------------
 
@@ -601,7 +610,8 @@ class Session:
             self._deny_destination(verdict, address)
             return
         # The final reply names the peer that connected (RFC 1928 section 4).
-        self._relay(peer, (policy.normalize_ip(address[0]), address[1]), None, 0)
+        named = (policy.normalize_ip(address[0]), address[1])
+        self._relay(peer, named, None, 0, named)
 
     def _start_udp(self, event: CommandRequest) -> None:
         """Open the association's relay socket on the ingress IP and hand over."""
@@ -612,6 +622,7 @@ class Session:
             return
         ctx = self._ctx
         to_client, mask, claim, log = self._hand_over(relay.getsockname(), "udp_relay")
+        grant = self._grant(None)
         announced = event.host if event.address_type is not _DOMAINNAME else ""
         assoc = udp.UdpAssociation(
             ctx,
@@ -625,6 +636,7 @@ class Session:
             announced=(announced, event.port),
             user_rules=admission.user_rules(ctx, self._user),
             claim=claim,
+            grant=grant,
         )
         try:
             self.client.send(to_client)
@@ -639,8 +651,10 @@ class Session:
         bound: tuple[Any, ...],
         lease: TargetCounters | None,
         upstream_mask: int,
+        target: tuple[str, int],
     ) -> None:
-        """Hand the client and `upstream` (connected: CONNECT, or BIND's peer) to a Relay."""
+        """Hand the client and `upstream` (connected to `target`: CONNECT, or BIND's
+        peer) to a Relay."""
         to_client, mask, claim, log = self._hand_over(bound, "egress")
         log.debug("tunnel_opened")
         Relay(
@@ -656,7 +670,42 @@ class Session:
             claim,
             mask,
             upstream_mask,
+            self._grant(target),
         )
+
+    def granted(self) -> Grant:
+        """What this connection was admitted on so far (a reload re-checks it)."""
+        return self._grant(None)
+
+    @property
+    def negotiating(self) -> bool:
+        """Still in its greeting or login: the method it chose may not be offered any
+        more after a reload."""
+        return self.phase in (_HANDSHAKE, _AUTHENTICATING)
+
+    def _grant(self, target: tuple[str, int] | None) -> Grant:
+        """What this connection was admitted on (`target`: where it connects; else the
+        connect under way, if any)."""
+        if target is None and self._connector is not None:
+            chosen = self._connector.target
+            target = (chosen[0], chosen[1])
+        return Grant(
+            self._protocol,
+            policy.normalize_ip(self._peer[0]),
+            self._ingress_ip,
+            self._user,
+            self._credential,
+            target,
+            logging_in=self._user is None and self.negotiating,
+        )
+
+    def revoke(self, by: str) -> None:
+        """A reload's new config refuses this connection: a request under way is
+        answered 0x02 (not allowed by ruleset), a handshake is closed; `by` says why."""
+        if self.phase in (_RESOLVING, _CONNECTING, _BINDING):
+            self._reply_failure(Reply.NOT_ALLOWED, "revoked", revoked_by=by)
+        elif self.phase in (_HANDSHAKE, _AUTHENTICATING):
+            self._handshake_failed("revoked", drain=False, revoked_by=by)
 
     def _hand_over(
         self, bound: tuple[Any, ...], field: str

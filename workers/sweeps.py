@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from typing import Any
 
+from socksd.config import Timeouts
 from workers.loop import Loop
 from workers.relay import Relay
 from workers.session import Session
@@ -44,6 +45,11 @@ class Sweep:
         self._expire = expire
         self.interval = min(1.0, *(t / 4 for t in timeouts))
         loop.call_later(self.interval, self._sweep)
+
+    def retime(self, timeouts: tuple[float, ...], age: float) -> None:
+        """A reload's timeouts: from the next sweep on."""
+        self._age = age
+        self.interval = min(1.0, *(t / 4 for t in timeouts))
 
     def _sweep(self) -> None:
         cutoff = self._loop.now - self._age
@@ -91,3 +97,11 @@ def start(
         Sweep(loop, open_conns, (idle,), idle, _relay_quiet, _cut_relay),
         Sweep(loop, open_conns, (udp_idle,), udp_idle, _association_quiet, _end_association),
     )
+
+
+def retime(sweeps: tuple[Sweep, ...], timeouts: Timeouts) -> None:
+    """Give the three sweeps of `start()` a reload's timeouts."""
+    deadlines, idle, udp_idle = sweeps
+    deadlines.retime((timeouts.handshake, timeouts.connect), 0.0)
+    idle.retime((timeouts.idle,), timeouts.idle)
+    udp_idle.retime((timeouts.udp_idle,), timeouts.udp_idle)

@@ -22,6 +22,7 @@ from socksd import access, policy
 from socksd.codec import AddressType, ProtocolError, Reply
 from socksd.config import hostport
 from socksd.handlers import ReadOnlyHandler
+from socksd.revocation import Grant
 from socksd.socks5_udp import encode_udp_header, parse_udp_datagram
 from workers.context import WorkerContext
 from workers.events import Refused, errno_name, tunnel_closed
@@ -99,13 +100,15 @@ class UdpAssociation:
         announced: tuple[str, int],
         user_rules: tuple[access.Rule, ...],
         claim: Claim | None,
+        grant: Grant,
     ) -> None:
         self._ctx = ctx
+        self._grant = grant  # what a reload re-checks
         self._loop = ctx.loop
         self._log = log
         self._started = started
         self._ingress_ip = ingress_ip
-        self._user_rules = user_rules
+        self.user_rules = user_rules  # the user's destination rules (a reload renews them)
         self._claim = claim
         self.control = control
         self.relay = relay
@@ -218,7 +221,7 @@ class UdpAssociation:
 
     def _send_out(self, ip: str, port: int, data: bytes | memoryview) -> None:
         ctx = self._ctx
-        verdict = ctx.destinations.check(ip, port, self._ingress_ip, self._user_rules)
+        verdict = ctx.destinations.check(ip, port, self._ingress_ip, self.user_rules)
         if verdict is not None:
             self._drop("destination_denied")
             ctx.limits.refuse(
@@ -329,6 +332,14 @@ class UdpAssociation:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
         counters = self._ctx.counters.udp_dropped
         counters[reason] = counters.get(reason, 0) + 1
+
+    def granted(self) -> Grant:
+        return self._grant
+
+    def revoke(self, by: str) -> None:
+        """A reload's new config refuses this association: end it now."""
+        self._log = self._log.bind(revoked_by=by)
+        self.close("revoked")
 
     def crash(self, exc: BaseException) -> None:
         self._log.error("udp_association_crashed", exc_info=exc)

@@ -195,6 +195,7 @@ def test_kill9_worker_is_replaced_and_its_accept_queue_survives(socksd, target):
 
 def test_sighup_reload_cuts_nothing_and_loses_no_new_tunnel(socksd, target):
     proc = socksd(_config(workers=2))
+    pids = _workers(proc)
     long_lived = []
     for _ in range(6):
         s, (rep, _, _) = open_tunnel(proc.address, "127.0.0.1", target.port)
@@ -209,8 +210,7 @@ def test_sighup_reload_cuts_nothing_and_loses_no_new_tunnel(socksd, target):
     try:
         time.sleep(0.3)
         proc.proc.send_signal(signal.SIGHUP)
-        proc.wait_for("reloaded")
-        proc.wait_count("supervisor_ready", 2)
+        done = proc.wait_for("reload_done")
         time.sleep(0.5)
     finally:
         load.stop()
@@ -223,7 +223,10 @@ def test_sighup_reload_cuts_nothing_and_loses_no_new_tunnel(socksd, target):
         got.update(recv_exact(s, len(chunk)))
         s.close()
         assert sent.hexdigest() == got.hexdigest()
-    assert _stats(proc)["supervisor"]["generation"] == 2
+    assert done["workers_answered"] == 2 and done["revoked_total"] == 0
+    assert _stats(proc)["supervisor"]["reloads"] == 1
+    assert _workers(proc) == pids, "a reload replaces no worker"
+    assert proc.named("worker_exited") == []
 
 
 def test_sighup_with_broken_config_keeps_serving(socksd, target):
@@ -234,7 +237,7 @@ def test_sighup_with_broken_config_keeps_serving(socksd, target):
     failed = proc.wait_for("reload_failed")
     assert "timeouts.conect" in failed["error"]
     _roundtrip(proc.address, target.port)
-    assert _stats(proc)["supervisor"]["generation"] == 1
+    assert _stats(proc)["supervisor"]["reloads"] == 0
 
 
 def test_sigterm_drains_open_tunnels_then_exits_zero(socksd, target):
@@ -317,7 +320,7 @@ from socksd import logs
 from socksd.config import load_config
 from socksd.supervisor import Supervisor
 
-def entry(config, listeners, slot, gen, stats_fd, supervisor_pid):
+def entry(config, listeners, slot, gen, stats_fd, supervisor_pid, channel):
     raise RuntimeError("worker boot exploded")  # e.g. an import error inside the worker
 
 config = load_config(sys.argv[1])
@@ -348,27 +351,48 @@ def test_worker_boot_failure_stops_the_supervisor(tmp_path):
 
 
 def test_reload_opens_added_and_closes_removed_listen_addresses(socksd, target):
+    """Added: served at once by the running workers. Removed: no new client, while a
+    tunnel accepted on it keeps flowing to its normal end."""
     proc = socksd(_config(workers=2))
+    pids = _workers(proc)
     host, port = proc.address
     text = proc.config_path.read_text()
     grown = text.replace('listen = ["127.0.0.1:0"]', f'listen = ["{host}:{port}", "127.0.0.2:0"]')
     proc.config_path.write_text(grown)
     proc.proc.send_signal(signal.SIGHUP)
-    ready = proc.wait_count("supervisor_ready", 2)[-1]
-    assert len(ready["listen"]) == 2
-    added = ready["listen"][1]
+    done = proc.wait_for("reload_done")
+    assert len(done["listen"]) == 2 and done["changed"] == ["listen"]
+    added = done["listen"][1]
     added_addr = (added.rpartition(":")[0], int(added.rpartition(":")[2]))
+    for _ in range(8):  # SO_REUSEPORT spreads them over both workers' new sockets
+        _roundtrip(added_addr, target.port)
     _roundtrip(proc.address, target.port)
-    _roundtrip(added_addr, target.port)
+    s, (rep, _, _) = open_tunnel(added_addr, "127.0.0.1", target.port)
+    assert rep == 0
     proc.config_path.write_text(
         text.replace('listen = ["127.0.0.1:0"]', f'listen = ["{host}:{port}"]')
     )
     proc.proc.send_signal(signal.SIGHUP)
-    proc.wait_count("supervisor_ready", 3)
-    proc.wait_count("worker_exited", 4)  # both earlier generations are gone
+    proc.wait_count("reload_done", 2)
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(added_addr, timeout=TIMEOUT).close()
+    data = os.urandom(100_000)  # the tunnel accepted on the removed address flows on
+    s.sendall(data)
+    assert recv_exact(s, len(data)) == data
+    s.shutdown(socket.SHUT_WR)
+    assert s.recv(1) == b""
+    s.close()
     _roundtrip(proc.address, target.port)
+    closed = proc.wait_for(
+        "tunnel_closed",
+        lambda e: (
+            e.get("client", "").startswith("127.0.0.1:")
+            and e.get("ingress_ip") == "127.0.0.2"
+            and e["bytes_up"] == 100_000
+        ),
+    )
+    assert closed["reason"] == "eof"
+    assert _workers(proc) == pids and proc.named("worker_exited") == []
 
 
 def test_idle_control_clients_cannot_wedge_the_supervisor(socksd, target):

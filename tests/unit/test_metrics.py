@@ -31,6 +31,7 @@ SAMPLE: dict[str, Any] = {
     "supervisor": {
         "pid": 1,
         "generation": 2,
+        "reloads": 7,
         "workers_wanted": 2,
         "uptime_s": 12.5,
         "config": "/etc/socksd/socksd.toml",
@@ -108,7 +109,7 @@ udp_datagrams_up_total udp_datagrams_down_total udp_bytes_up_total udp_bytes_dow
 egress_errors_total egress_retries_total
 egress_rescued_total egress_exhausted_total stats_dropped_lines_total open_tunnels
 open_sessions worker_up worker_restarts_total
-generation workers_wanted uptime_seconds ephemeral_ports
+generation reloads_total workers_wanted uptime_seconds ephemeral_ports
 egress_open_sockets egress_connects_attempted_total egress_connects_succeeded_total
 egress_connect_failures_total egress_ip_exhausted_total egress_ip_retries_total
 egress_ip_rescued_total
@@ -290,6 +291,7 @@ def test_parser_rejects(bad: str) -> None:
 def test_sample_values() -> None:
     fams = parse(render(SAMPLE))
     assert _value(fams, "generation") == 2
+    assert _value(fams, "reloads_total") == 7
     assert _value(fams, "workers_wanted") == 2
     assert _value(fams, "uptime_seconds") == 12.5
     assert _value(fams, "ephemeral_ports") == 28232

@@ -229,6 +229,7 @@ EXPECTED: dict[str, Any] = {
     "supervisor": {
         "pid": 4242,
         "generation": 2,
+        "reloads": 3,
         "workers_wanted": 3,
         "uptime_s": 600.0,
         "config": "/etc/socksd/socksd.toml",
@@ -336,6 +337,7 @@ def test_aggregate_of_two_workers_a_vacant_slot_and_retired_counters():
         facts=SupervisorFacts(
             pid=4242,
             generation=2,
+            reloads=3,
             started=400.0,
             config="/etc/socksd/socksd.toml",
             restarts=(0, 1, 4),
@@ -366,7 +368,7 @@ def test_aggregate_of_nothing_has_every_key():
         [],
         retired={},
         facts=SupervisorFacts(
-            pid=1, generation=1, started=0.0, config="x", restarts=(0,), vacant=(0,)
+            pid=1, generation=1, reloads=0, started=0.0, config="x", restarts=(0,), vacant=(0,)
         ),
         time_wait=TimeWaitSample(total=0, by_pair=()),
         now=0.0,

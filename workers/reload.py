@@ -1,0 +1,220 @@
+"""A reload inside a running worker: the new config in place, between two loop passes.
+
+Owns: the worker's end of the supervisor's channel (`socksd.channel`); swapping the
+config-derived objects every session reads from the context (policies, limits, the
+authenticator's users, resolver settings, sweep timeouts, log level, stats interval);
+opening acceptors on listen addresses a reload added and closing those of removed
+ones; re-checking every open connection and revoking those the new config refuses;
+the `reload_applied` event and the answer to the supervisor.
+Must not: parse or validate configuration (the supervisor sent a validated `Config`),
+decide what a grant allows (`socksd.revocation` does), or close a connection other
+than through its own `revoke()`, which logs its line.
+
+The whole swap runs in one loop callback, so no session sees half of a config: one
+that reads `ctx.config` before it sees the old one, after it the new one.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from socksd import logs
+from socksd.access import ClientPolicy, DestinationPolicy
+from socksd.channel import APPLIED, CONFIG, Channel, ChannelError, Frame
+from socksd.config import Config
+from socksd.listeners import describe
+from socksd.policy import EgressPolicy
+from socksd.revocation import Grant, revoked_by
+from workers import admission, sweeps
+from workers.acceptor import Acceptor
+from workers.authenticator import Authenticator
+from workers.context import WorkerContext
+from workers.loop import EVENT_READ, EVENT_WRITE
+from workers.reporter import Reporter
+from workers.sweeps import Sweep
+from workers.udp import UdpAssociation
+
+
+class Revocable(Protocol):
+    def granted(self) -> Grant: ...
+
+    def revoke(self, by: str) -> None: ...
+
+
+class Reloadable(Protocol):
+    """What a reload changes in the worker (`workers.main.Worker`)."""
+
+    ctx: WorkerContext
+    acceptors: list[Acceptor]
+    sweeps: tuple[Sweep, ...]
+    reporter: Reporter
+    log: Any
+
+    @property
+    def draining(self) -> bool: ...
+
+
+def apply(
+    worker: Reloadable,
+    config: Config,
+    listen: list[tuple[str, int]],
+    new_listeners: list[socket.socket],
+) -> dict[str, Any]:
+    """Make `config` the worker's; `listen`: every listen address as bound after the
+    reload; `new_listeners`: this slot's sockets of the addresses it added.
+
+    Returns:
+        The answer to the supervisor: the reload's figures in this worker.
+    """
+    started = time.monotonic()
+    ctx = worker.ctx
+    old = ctx.config
+    ctx.config = config
+    ctx.socks5_off = "socks5" not in config.protocols
+    if config.log.level != old.log.level:
+        logs.configure(config.log.level)
+        worker.log = ctx.log = logs.get_logger()
+    dropped = _users(ctx, config)
+    own = _listeners(worker, listen, new_listeners)
+    ctx.clients = ClientPolicy(config.access.clients, loopback_only=config.loopback_only)
+    ctx.destinations = DestinationPolicy(config.access.destinations, own)
+    ctx.policy = EgressPolicy(config.egress.mappings)
+    ctx.limits.reconfigure(config)
+    ctx.pressure.retune(config.egress.pressure_threshold, config.egress.max_tracked_targets)
+    ctx.resolver.reconfigure(config.resolver, connect_timeout=config.timeouts.connect)
+    sweeps.retime(worker.sweeps, config.timeouts)
+    worker.reporter.interval = config.stats.interval
+    revoked = _recheck(ctx, auth_changed=config.auth.method != old.auth.method)
+    result = {
+        "revoked": revoked,
+        "checked": len(ctx.open) + sum(revoked.values()),
+        "credentials_dropped": dropped,
+        "listen": [f"{host}:{port}" for host, port in own],
+        "duration_ms": round((time.monotonic() - started) * 1000, 1),
+    }
+    worker.log.info("reload_applied", **result)
+    return result
+
+
+def _users(ctx: WorkerContext, config: Config) -> int:
+    """The authenticator for the new users; returns how many cached logins it dropped."""
+    if config.auth.method != "password":
+        ctx.authenticator = None
+        return 0
+    if ctx.authenticator is None:
+        ctx.authenticator = Authenticator(config.auth.users, ctx.resolver)
+        return 0
+    return ctx.authenticator.update(config.auth.users)
+
+
+def _listeners(
+    worker: Reloadable, listen: list[tuple[str, int]], new: list[socket.socket]
+) -> list[tuple[str, int]]:
+    """Close the acceptors of removed addresses (their open tunnels stay), open those
+    of added ones; returns the addresses the proxy listens on (its own: a tunnel
+    into one of them would loop)."""
+    keep = set(listen)
+    for acceptor in [a for a in worker.acceptors if _bound(a.sock) not in keep]:
+        acceptor.close()
+        worker.acceptors.remove(acceptor)
+    for sock in new:
+        if worker.draining or _bound(sock) not in keep:
+            sock.close()  # a stopping worker accepts nothing new
+        else:
+            worker.acceptors.append(Acceptor(worker.ctx, sock, describe(sock)))
+    return list(listen)
+
+
+def _bound(sock: socket.socket) -> tuple[str, int]:
+    host, port = sock.getsockname()[:2]
+    return (host, port)
+
+
+def _recheck(ctx: WorkerContext, *, auth_changed: bool) -> dict[str, int]:
+    """Revoke every open connection the new config refuses; counts by `revoked_by`."""
+    config = ctx.config
+    revoked: dict[str, int] = {}
+    for conn in list(ctx.open):
+        granted: Callable[[], Grant] | None = getattr(conn, "granted", None)
+        if granted is None:
+            continue
+        grant = granted()
+        by = revoked_by(grant, config, ctx.clients, ctx.destinations)
+        if by is None and auth_changed and getattr(conn, "negotiating", False):
+            # Its greeting chose a method the new config no longer offers.
+            by = "auth.method"
+        if by is not None:
+            conn.revoke(by)  # type: ignore[attr-defined]
+            revoked[by] = revoked.get(by, 0) + 1
+        elif type(conn) is UdpAssociation:
+            conn.user_rules = admission.user_rules(ctx, grant.user)
+    return revoked
+
+
+class WorkerChannel:
+    """Loop handler of the worker's end of the supervisor's channel."""
+
+    __slots__ = ("_worker", "_channel", "_mask")
+
+    def __init__(self, worker: Reloadable, sock: socket.socket) -> None:
+        self._worker = worker
+        self._channel = Channel(sock)
+        self._mask = 0
+        self._update()
+
+    def on_readable(self) -> None:
+        try:
+            frames = self._channel.read()
+        except ChannelError as exc:
+            self._worker.log.error("channel_broken", error=str(exc))
+            self.close()
+            return
+        if frames is None:  # the supervisor is gone: the reporter notices and drains
+            self.close()
+            return
+        for frame in frames:
+            self._handle(frame)
+        self._update()
+
+    def on_writable(self) -> None:
+        try:
+            self._channel.write()
+        except OSError:
+            self.close()
+            return
+        self._update()
+
+    def on_crash(self, exc: BaseException) -> None:
+        raise exc  # a reload that fails half-way is the worker's bug: let it restart
+
+    def _handle(self, frame: Frame) -> None:
+        if frame.kind != CONFIG:
+            for fd in frame.fds:
+                socket.socket(fileno=fd).close()
+            self._worker.log.warning("channel_frame_unknown", kind=frame.kind)
+            return
+        body = frame.body
+        socks = [socket.socket(fileno=fd) for fd in frame.fds]
+        for sock in socks:
+            sock.setblocking(False)
+        result = apply(self._worker, body["config"], body["listen"], socks)
+        result["reload"] = body["reload"]
+        self._channel.send(APPLIED, result)
+
+    def _update(self) -> None:
+        if self._channel.closed:
+            return
+        want = EVENT_READ | (EVENT_WRITE if self._channel.wants_write() else 0)
+        loop = self._worker.ctx.loop
+        self._mask = loop.set_interest(self._channel.fileno(), self._mask, want, self)
+
+    def close(self) -> None:
+        if self._channel.closed:
+            return
+        if self._mask:
+            self._worker.ctx.loop.forget(self._channel.fileno())
+            self._mask = 0
+        self._channel.close()
