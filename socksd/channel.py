@@ -55,7 +55,8 @@ class Channel:
         self._inbuf = bytearray()
         self._fds: deque[int] = deque()
         self._out: deque[tuple[memoryview, tuple[int, ...]]] = deque()
-        self.closed = False
+        self.eof = False  # the peer closed its end
+        self.closed = False  # ours is closed
 
     @classmethod
     def pair(cls) -> tuple[socket.socket, socket.socket]:
@@ -112,18 +113,21 @@ class Channel:
         fd_space = socket.CMSG_SPACE(_MAX_FDS * 4)
         while True:
             try:
-                data, ancdata, _flags, _ = self.sock.recvmsg(_READ, fd_space)
+                data, ancdata, flags, _ = self.sock.recvmsg(_READ, fd_space)
             except BlockingIOError:
                 break
             except ConnectionResetError:
-                data, ancdata = b"", []
+                data, ancdata, flags = b"", [], 0
             for level, type_, cdata in ancdata:
                 if level == socket.SOL_SOCKET and type_ == socket.SCM_RIGHTS:
                     fds = array.array("i")
                     fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
                     self._fds.extend(fds)
+            if flags & socket.MSG_CTRUNC:
+                # Out of fds: the kernel dropped descriptors a frame carries.
+                raise ChannelError("descriptors lost in transit (MSG_CTRUNC: out of fds?)")
             if not data:
-                self.closed = True
+                self.eof = True
                 return None
             self._inbuf += data
             if len(data) < _READ:
@@ -155,6 +159,8 @@ class Channel:
 
     def close(self) -> None:
         """Close the socket and every received descriptor no frame took."""
+        if self.closed:
+            return
         while self._fds:
             os.close(self._fds.popleft())
         self._out.clear()

@@ -105,7 +105,9 @@ def _reload(argv: list[str]) -> int:
     if outcome.get("needs_restart"):
         print(f"needs a restart to change: {', '.join(outcome['needs_restart'])}")
     if outcome.get("workers_unanswered"):
-        print(f"workers that did not answer: {outcome['workers_unanswered']}")
+        # Applied by the others; the supervisor logged which did not answer in time.
+        print(f"workers that did not answer: {outcome['workers_unanswered']}", file=sys.stderr)
+        return 1
     return EXIT_OK
 
 

@@ -670,6 +670,8 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     listen = tuple(parse_listen(item, f"listen[{i}]") for i, item in enumerate(listen_raw))
     if len(set(listen)) != len(listen):
         raise ConfigError("listen: an address is listed twice")
+    if len(listen) > 64:  # a reload passes a worker its new sockets, 64 at most at once
+        raise ConfigError("listen: at most 64 addresses")
     workers = _parse_workers(root.get("workers", "auto"))
     protocols_raw = root.get("protocols", ["socks5"])
     if (

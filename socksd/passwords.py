@@ -112,6 +112,16 @@ def parse_hash(encoded: str) -> PasswordHash:
     return PasswordHash(int(parts[1]), int(parts[2]), int(parts[3]), salt, digest)
 
 
+def dummy_hash() -> str:
+    """A hash no password matches, with the default cost: checking one costs what a
+    real user's check costs. Made without running scrypt (a reload may build it on a
+    worker's loop)."""
+    salt, digest = os.urandom(_SALT_BYTES), os.urandom(_KEY_BYTES)
+    return "$".join(
+        (_SCHEME, str(DEFAULT_N), str(DEFAULT_R), str(DEFAULT_P), _b64(salt), _b64(digest))
+    )
+
+
 def verify_encoded(password: bytes, encoded: str) -> bool:
     """`verify_password()` against a hash in its text form (runs in the worker's pool)."""
     return verify_password(password, parse_hash(encoded))

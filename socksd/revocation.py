@@ -73,7 +73,7 @@ def revoked_by(
 
     `clients` and `destinations` are the policies built from `config`.
     """
-    if grant.protocol not in config.protocols:
+    if grant.protocol and grant.protocol not in config.protocols:
         return PROTOCOL_OFF
     if not clients.allows(grant.client_ip):
         return clients.refusing_rule(grant.client_ip)

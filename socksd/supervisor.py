@@ -231,20 +231,31 @@ class Supervisor:
         every running worker gets the new config on its channel; `waiter` (and
         `reload_done`) get the outcome once all of them answered.
         """
+        if self.stopping is not None:
+            # The listeners are closed so that new clients are refused: opening them
+            # again would queue clients that nobody will serve.
+            if waiter is not None:
+                waiter({"ok": False, "error": "socksd is stopping"})
+            return
         self.notifier.reloading()
         started = time.monotonic()
+        # The users file as it is before it is read: a write during the read (a
+        # 100,000-user file takes ~1 s) is then seen as a change by the watch.
+        seen = _file_signature(users_file_path(self.config))
         try:
             loaded = self._load()
-            # What was read (stat()ed after it: a later write is seen by the watch).
-            self._users_file_seen = _file_signature(users_file_path(loaded))
+            if users_file_path(loaded) != users_file_path(self.config):
+                seen = _file_signature(users_file_path(loaded))
             listeners = self._listeners_for(loaded)
         except SocksdError as exc:
             # A bad config is an operator error: its message, not a traceback.
             self.log.error("reload_failed", error=str(exc), keeping=self.config.source)
-            self.notifier.ready(self._status())
+            if self.ready_sent and not self._pending:
+                self.notifier.ready(self._status())
             if waiter is not None:
                 waiter({"ok": False, "error": str(exc)})
             return
+        self._users_file_seen = seen
         old = self.config
         new = reloading.carry_over(old, loaded)
         added = self._swap_listeners(listeners)
@@ -262,15 +273,19 @@ class Supervisor:
             waiters=[] if waiter is None else [waiter],
         )
         self._resize(pending, new.worker_count)
-        bound = [(a.host, socks[0].getsockname()[1]) for a, socks in self.listeners.items()]
-        for slot in self.slots:
-            proc = slot.proc
-            if proc is None or proc.link is None:
-                continue  # a slot waiting for its respawn forks with the new config
-            fds = tuple(socks[slot.index].fileno() for socks in added)
-            body = {"reload": pending.number, "config": new, "listen": bound}
+        # As the workers' sockets name themselves (an IPv4-mapped address included).
+        bound = [socks[0].getsockname()[:2] for socks in self.listeners.values()]
+        body = {"reload": pending.number, "config": new, "listen": bound}
+        # Every live worker, the draining ones too (a removed user is revoked there as
+        # well); a slot waiting for its respawn forks with the new config.
+        for proc in list(self.procs.values()):
+            if proc.link is None:
+                continue
+            slot = self._slot_of(proc)
+            fds = () if slot is None else tuple(s[slot.index].fileno() for s in added)
             self._send_link(proc, CONFIG, body, fds)
-            pending.waiting.add(proc.view.pid)
+            if proc.link is not None:  # None: it is gone (EPIPE), no answer to wait for
+                pending.waiting.add(proc.view.pid)
         self._pending[pending.number] = pending
         # The new limits may need more fds than the (unchanged) fd limit gives.
         for event, fields in check_nofile(self.nofile, new):
@@ -317,9 +332,15 @@ class Supervisor:
         try:
             frames = link.read()
         except ChannelError as exc:
+            # A live worker that no reload can reach would serve an old config (users
+            # removed since would keep working there): drain it; its slot respawns.
             self.log.error("channel_broken", worker=proc.view.slot, error=str(exc))
-            frames = None
-        if frames is None:
+            self._close_link(proc)
+            if proc.term_at is None and self.stopping is None:
+                self._signal(proc, signal.SIGTERM)
+                proc.kill_after = time.monotonic() + self.config.shutdown_timeout + _KILL_GRACE
+            return
+        if frames is None:  # EOF: the worker is exiting (or gone); the reaper sees it
             self._close_link(proc)
             return
         for frame in frames:
@@ -428,8 +449,20 @@ class Supervisor:
     def spawn(self, slot: Slot) -> None:
         """Fork a worker into `slot`, with its stats pipe and its reload channel."""
         r, w = os.pipe()
-        ours, theirs = Channel.pair()
-        pid = os.fork()
+        try:
+            ours, theirs = Channel.pair()
+        except OSError:
+            os.close(r)
+            os.close(w)
+            raise  # out of fds: the tick logs it and retries
+        try:
+            pid = os.fork()
+        except OSError:
+            for fd in (r, w):
+                os.close(fd)
+            ours.close()
+            theirs.close()
+            raise
         if pid == 0:  # the child: become a worker, never return
             code = EXIT_BOOT
             try:

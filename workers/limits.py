@@ -75,19 +75,28 @@ class Limits:
         self._per_user: dict[str, int] = {}
         self._buckets: dict[str, _Bucket] = {}
         self._failures: dict[str, _Failures] = {}
-        self._log = log
+        self.log = log
         self._gates: dict[str, LogGate] = {}  # one per refusal reason: a fixed set
         self._counters = counters
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
-        """Take (a reload's) limits. Open-tunnel counts and failed logins are kept; the
-        token buckets start full again under the new rates. Counting starts when a
-        limit is switched on: tunnels opened before it are not counted against it."""
+        """Take (a reload's) limits. Open-tunnel counts, failed logins and the tokens
+        in each user's bucket are kept (a reload does not refill them), under the new
+        rate and burst. Counting starts when a limit is switched on: tunnels opened
+        before it are not counted against it."""
         self._cfg = config.limits
         self._users = config.access.users
         self.max_tunnels = config.worker_tunnel_limit()
-        self._buckets.clear()
+        for user, bucket in list(self._buckets.items()):
+            ua = self._users.get(user, _NO_USER)
+            rate = ua.rate or self._cfg.user_rate
+            if not rate:
+                del self._buckets[user]
+                continue
+            bucket.rate = rate
+            bucket.burst = float(max(ua.burst or self._cfg.user_burst or int(rate), 1))
+            bucket.tokens = min(bucket.tokens, bucket.burst)
         per_user = self._cfg.max_tunnels_per_user or self._cfg.user_rate
         self.claims_needed = bool(
             self._cfg.max_tunnels_per_client_ip
@@ -139,7 +148,7 @@ class Limits:
             gate = self._gates[reason] = LogGate()
         suppressed = gate.open(now)
         if suppressed is not None:
-            self._log.warning(event, reason=reason, suppressed=suppressed, **fields)
+            self.log.warning(event, reason=reason, suppressed=suppressed, **fields)
         return reason
 
     # -- failed logins ---------------------------------------------------------------

@@ -167,6 +167,12 @@ class Worker:
     def log_egress_stats(self) -> None:
         self.log.info("egress_stats", **self.pressure.snapshot(self.loop.now).to_dict())
 
+    def drain(self) -> None:
+        """Stop accepting and exit once the open connections are done (or cut at
+        `shutdown_timeout`): as SIGTERM does."""
+        self.stop_signal = self.stop_signal or signal.SIGTERM
+        self._start_drain()
+
     def _orphaned(self) -> None:
         self.log.warning("supervisor_gone", action="stopping")
         self.stop_signal = signal.SIGTERM

@@ -98,7 +98,7 @@ class PortPressure:
         self.ports = settings.ephemeral_ports
         self._threshold = threshold
         self._max_targets = max_targets
-        self._log = log
+        self.log = log
         self.ips: dict[str, IpCounters] = {}
         # Keyed by (egress IP, target host, port): the "host:port" text is made once
         # per target, not once per connect.
@@ -145,7 +145,7 @@ class PortPressure:
         level = self.pressure(tc, now)
         if not tc.high and level >= self._threshold:
             tc.high = True
-            self._log.warning(
+            self.log.warning(
                 "egress_pressure_high",
                 **self._where(tc, now),
                 pressure=round(level, 4),
@@ -174,7 +174,7 @@ class PortPressure:
         suppressed = gate.open(now, LOG_INTERVAL)
         if suppressed is None:
             return
-        self._log.warning(
+        self.log.warning(
             "egress_exhausted",
             **self._where(tc, now),
             attempts=attempts,
@@ -188,7 +188,7 @@ class PortPressure:
             ipc.bind_log = LogGate()
         if ipc.bind_log.open(now, LOG_INTERVAL) is None:
             return
-        self._log.error(
+        self.log.error(
             "egress_bind_failed",
             egress_ip=ipc.ip,
             errno=errno_name,

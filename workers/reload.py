@@ -34,6 +34,7 @@ from workers.authenticator import Authenticator
 from workers.context import WorkerContext
 from workers.loop import EVENT_READ, EVENT_WRITE
 from workers.reporter import Reporter
+from workers.session import Phase, Session
 from workers.sweeps import Sweep
 from workers.udp import UdpAssociation
 
@@ -56,6 +57,8 @@ class Reloadable(Protocol):
     @property
     def draining(self) -> bool: ...
 
+    def drain(self) -> None: ...
+
 
 def apply(
     worker: Reloadable,
@@ -76,7 +79,9 @@ def apply(
     ctx.socks5_off = "socks5" not in config.protocols
     if config.log.level != old.log.level:
         logs.configure(config.log.level)
-        worker.log = ctx.log = logs.get_logger()
+        # Loggers made earlier keep the level they were made with: renew the long-lived
+        # ones (connections open before the reload keep theirs).
+        worker.log = ctx.log = ctx.limits.log = ctx.pressure.log = logs.get_logger()
     dropped = _users(ctx, config)
     own = _listeners(worker, listen, new_listeners)
     ctx.clients = ClientPolicy(config.access.clients, loopback_only=config.loopback_only)
@@ -143,14 +148,17 @@ def _recheck(ctx: WorkerContext, *, auth_changed: bool) -> dict[str, int]:
             continue
         grant = granted()
         by = revoked_by(grant, config, ctx.clients, ctx.destinations)
-        if by is None and auth_changed and getattr(conn, "negotiating", False):
+        if by is None and auth_changed and getattr(conn, "method_chosen", False):
             # Its greeting chose a method the new config no longer offers.
             by = "auth.method"
         if by is not None:
-            conn.revoke(by)  # type: ignore[attr-defined]
-            revoked[by] = revoked.get(by, 0) + 1
+            if getattr(conn, "phase", None) is not Phase.DRAINING:  # already ending
+                conn.revoke(by)  # type: ignore[attr-defined]
+                revoked[by] = revoked.get(by, 0) + 1
         elif type(conn) is UdpAssociation:
             conn.user_rules = admission.user_rules(ctx, grant.user)
+        elif type(conn) is Session:
+            conn.refilter()  # addresses still to try, under the new rules
     return revoked
 
 
@@ -169,8 +177,11 @@ class WorkerChannel:
         try:
             frames = self._channel.read()
         except ChannelError as exc:
-            self._worker.log.error("channel_broken", error=str(exc))
+            # No reload can reach this worker any more: it would serve an old config
+            # (removed users working on): drain, so that the slot respawns.
+            self._worker.log.error("channel_broken", error=str(exc), action="draining")
             self.close()
+            self._worker.drain()
             return
         if frames is None:  # the supervisor is gone: the reporter notices and drains
             self.close()
@@ -205,15 +216,13 @@ class WorkerChannel:
         self._channel.send(APPLIED, result)
 
     def _update(self) -> None:
-        if self._channel.closed:
+        if self._channel.closed or self._channel.eof:
             return
         want = EVENT_READ | (EVENT_WRITE if self._channel.wants_write() else 0)
         loop = self._worker.ctx.loop
         self._mask = loop.set_interest(self._channel.fileno(), self._mask, want, self)
 
     def close(self) -> None:
-        if self._channel.closed:
-            return
         if self._mask:
             self._worker.ctx.loop.forget(self._channel.fileno())
             self._mask = 0

@@ -678,10 +678,28 @@ class Session:
         return self._grant(None)
 
     @property
-    def negotiating(self) -> bool:
-        """Still in its greeting or login: the method it chose may not be offered any
-        more after a reload."""
-        return self.phase in (_HANDSHAKE, _AUTHENTICATING)
+    def logging_in(self) -> bool:
+        """Before its request with no verified login (a user named in credentials
+        under check is a claim, not a user)."""
+        return self.phase in (_HANDSHAKE, _AUTHENTICATING) and self._credential is None
+
+    @property
+    def method_chosen(self) -> bool:
+        """A SOCKS5 greeting chose a method and the login is not done: a reload that
+        changes auth.method leaves it with a method no longer offered."""
+        return self._protocol == "socks5" and not self._first_byte and self.logging_in
+
+    def refilter(self) -> None:
+        """A reload's destination rules, on the addresses still to be tried."""
+        if self._candidates:
+            ctx = self._ctx
+            rules = admission.user_rules(ctx, self._user) if self._user is not None else ()
+            check = ctx.destinations.check
+            self._candidates = [
+                c
+                for c in self._candidates
+                if check(c[2][0], c[2][1], self._ingress_ip, rules) is None
+            ]
 
     def _grant(self, target: tuple[str, int] | None) -> Grant:
         """What this connection was admitted on (`target`: where it connects; else the
@@ -689,14 +707,15 @@ class Session:
         if target is None and self._connector is not None:
             chosen = self._connector.target
             target = (chosen[0], chosen[1])
+        logging_in = self.logging_in
         return Grant(
-            self._protocol,
+            "" if self._first_byte else self._protocol,  # "": no byte read, no door yet
             policy.normalize_ip(self._peer[0]),
             self._ingress_ip,
-            self._user,
+            None if logging_in else self._user,
             self._credential,
             target,
-            logging_in=self._user is None and self.negotiating,
+            logging_in=logging_in,
         )
 
     def revoke(self, by: str) -> None:

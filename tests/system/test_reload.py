@@ -406,8 +406,10 @@ def test_a_flowing_tunnel_survives_20_reloads_over_a_minute(proxies, target):
         assert outcome["ok"] and outcome["revoked_total"] == 0
         assert f.alive(), f"cut by reload {i + 1}"
         time.sleep(max(0.0, started + 3.1 * (i + 1) - time.monotonic()))
-    assert time.monotonic() - started > 60
+    lasted = time.monotonic() - started
+    assert lasted > 60
     assert f.alive() and f.finish()
+    print(f"one tunnel through 20 reloads: {lasted:.1f} s, {f.nsent:,} bytes each way, equal")
     assert f.nsent > 1_000_000  # ~200 KiB/s for a minute, every byte back
     assert p.worker_pids() == pids
     assert p.proc.named("worker_exited") == []

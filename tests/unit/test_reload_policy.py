@@ -84,6 +84,10 @@ def test_clients_and_protocols():
     rule += '[[access.clients]]\naction = "allow"\nfrom = ["0.0.0.0/0"]\n'
     assert _decide(_grant(), _config(rule)) == "access.clients[0]"
     assert _decide(_grant(protocol="socks4", credential=None), _config()) == "protocols"
+    # A connection that has not sent a byte has no door yet: not revoked for one.
+    assert (
+        _decide(_grant(protocol="", user=None, credential=None, logging_in=True), _config()) is None
+    )
 
 
 def test_auth_none_keeps_user_tunnels():
