@@ -18,7 +18,7 @@ import ipaddress
 import os
 import socket
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -376,14 +376,7 @@ def load_users_file(path: Path) -> tuple[dict[str, str], dict[str, UserAccess]]:
             "auth.users_file (PATH): users.NAME.KEY: ...".
     """
     where = f"auth.users_file ({os.fspath(path)})"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read it: {exc.strerror}") from None
-    try:
-        data = rtoml.loads(text)
-    except rtoml.TomlParsingError as exc:
-        raise ConfigError(f"{where}: invalid TOML: {exc}") from None
+    data = _read_toml(path, where, rtoml.loads, rtoml.TomlParsingError)
     try:
         root = _Table(data, "")
         users_t = root.table("users")
@@ -753,15 +746,28 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """
     if path is None:
         return parse_config(tomllib.loads(DEFAULT_CONFIG_TOML), "<embedded default>")
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {os.fspath(path)!r}: {exc.strerror}") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{os.fspath(path)}: invalid TOML: {exc}") from None
+    data = _read_toml(
+        Path(path), f"config {os.fspath(path)!r}", tomllib.loads, tomllib.TOMLDecodeError
+    )
     return parse_config(data, os.fspath(path))
+
+
+def _read_toml(
+    path: Path, name: str, loads: Callable[[str], dict[str, Any]], error: type[Exception]
+) -> dict[str, Any]:
+    """A TOML file's tables; `name` says which file in the errors.
+
+    Raises:
+        ConfigError: unreadable, or not TOML (`error` is what `loads` raises then).
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {name}: {exc.strerror}") from None
+    try:
+        return loads(text)
+    except error as exc:
+        raise ConfigError(f"{name}: invalid TOML: {exc}") from None
 
 
 def with_overrides(
