@@ -24,7 +24,7 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any
 
-from socksd.revocation import Grant
+from socksd.revocation import Admitted, Grant, handed_over
 from workers.egress import abort
 from workers.events import errno_name, tunnel_closed
 from workers.limits import Claim
@@ -139,7 +139,7 @@ class Relay:
         "_lease",
         "_target_closed_first",
         "_claim",
-        "_grant",
+        "_admitted",
     )
 
     def __init__(
@@ -156,13 +156,13 @@ class Relay:
         claim: Claim | None,
         client_mask: int,
         upstream_mask: int,
-        grant: Grant,
+        admitted: Admitted,
     ) -> None:
         """Take over two connected sockets, with their loop registrations (masks, 0:
         none), the bytes owed to each, the tunnel's bound logger and what it was
-        admitted on (`grant`, re-checked by a reload)."""
+        admitted on (re-checked by a reload)."""
         self._ctx = ctx
-        self._grant = grant
+        self._admitted = admitted
         loop = self._loop = ctx.loop
         self._view = ctx.buffer
         self._size = len(ctx.buffer)
@@ -343,7 +343,7 @@ class Relay:
 
     def granted(self) -> Grant:
         """What the tunnel was admitted on (a reload re-checks it)."""
-        return self._grant
+        return handed_over(self._admitted)
 
     def revoke(self, by: str) -> None:
         """A reload's new config refuses this tunnel: reset both sides now (the client

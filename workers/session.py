@@ -53,7 +53,7 @@ from socksd.codec import (
     UserPassAuth,
 )
 from socksd.config import hostport
-from socksd.revocation import Grant
+from socksd.revocation import Admitted, Grant
 from socksd.socks4 import Socks4ServerConnection
 from socksd.socks5 import Socks5ServerConnection, choose_method
 from workers import admission, bind, egress, udp
@@ -561,8 +561,7 @@ class Session:
     def on_egress_connected(self, upstream: socket.SocketType, lease: TargetCounters) -> None:
         connector, self._connector = self._connector, None
         assert connector is not None
-        target = connector.target
-        self._relay(upstream, upstream.getsockname(), lease, EVENT_WRITE, (target[0], target[1]))
+        self._relay(upstream, upstream.getsockname(), lease, EVENT_WRITE, connector.target)
 
     # -- BIND, UDP ASSOCIATE --------------------------------------------------------------
 
@@ -622,7 +621,7 @@ class Session:
             return
         ctx = self._ctx
         to_client, mask, claim, log = self._hand_over(relay.getsockname(), "udp_relay")
-        grant = self._grant(None)
+        admitted = self._admitted(None)
         announced = event.host if event.address_type is not _DOMAINNAME else ""
         assoc = udp.UdpAssociation(
             ctx,
@@ -636,7 +635,7 @@ class Session:
             announced=(announced, event.port),
             user_rules=admission.user_rules(ctx, self._user),
             claim=claim,
-            grant=grant,
+            admitted=admitted,
         )
         try:
             self.client.send(to_client)
@@ -651,7 +650,7 @@ class Session:
         bound: tuple[Any, ...],
         lease: TargetCounters | None,
         upstream_mask: int,
-        target: tuple[str, int],
+        target: tuple[Any, ...],
     ) -> None:
         """Hand the client and `upstream` (connected to `target`: CONNECT, or BIND's
         peer) to a Relay."""
@@ -670,12 +669,34 @@ class Session:
             claim,
             mask,
             upstream_mask,
-            self._grant(target),
+            self._admitted(target),
+        )
+
+    def _admitted(self, target: tuple[Any, ...] | None) -> Admitted:
+        """What the new owner keeps for a reload's re-check (`revocation.handed_over`)."""
+        return (
+            self._protocol,
+            self._peer[0],
+            self._ingress_ip,
+            self._user,
+            self._credential,
+            target,
         )
 
     def granted(self) -> Grant:
-        """What this connection was admitted on so far (a reload re-checks it)."""
-        return self._grant(None)
+        """What this connection was admitted on so far (a reload re-checks it): where it
+        connects, if a connect is under way."""
+        chosen = None if self._connector is None else self._connector.target
+        logging_in = self.logging_in
+        return Grant(
+            "" if self._first_byte else self._protocol,  # "": no byte read, no door yet
+            policy.normalize_ip(self._peer[0]),
+            self._ingress_ip,
+            None if logging_in else self._user,
+            self._credential,
+            None if chosen is None else (chosen[0], chosen[1]),
+            logging_in=logging_in,
+        )
 
     @property
     def logging_in(self) -> bool:
@@ -700,23 +721,6 @@ class Session:
                 for c in self._candidates
                 if check(c[2][0], c[2][1], self._ingress_ip, rules) is None
             ]
-
-    def _grant(self, target: tuple[str, int] | None) -> Grant:
-        """What this connection was admitted on (`target`: where it connects; else the
-        connect under way, if any)."""
-        if target is None and self._connector is not None:
-            chosen = self._connector.target
-            target = (chosen[0], chosen[1])
-        logging_in = self.logging_in
-        return Grant(
-            "" if self._first_byte else self._protocol,  # "": no byte read, no door yet
-            policy.normalize_ip(self._peer[0]),
-            self._ingress_ip,
-            None if logging_in else self._user,
-            self._credential,
-            target,
-            logging_in=logging_in,
-        )
 
     def revoke(self, by: str) -> None:
         """A reload's new config refuses this connection: a request under way is

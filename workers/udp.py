@@ -22,7 +22,7 @@ from socksd import access, policy
 from socksd.codec import AddressType, ProtocolError, Reply
 from socksd.config import hostport
 from socksd.handlers import ReadOnlyHandler
-from socksd.revocation import Grant
+from socksd.revocation import Admitted, Grant, handed_over
 from socksd.socks5_udp import encode_udp_header, parse_udp_datagram
 from workers.context import WorkerContext
 from workers.events import Refused, errno_name, tunnel_closed
@@ -100,10 +100,10 @@ class UdpAssociation:
         announced: tuple[str, int],
         user_rules: tuple[access.Rule, ...],
         claim: Claim | None,
-        grant: Grant,
+        admitted: Admitted,
     ) -> None:
         self._ctx = ctx
-        self._grant = grant  # what a reload re-checks
+        self._admitted = admitted  # what a reload re-checks
         self._loop = ctx.loop
         self._log = log
         self._started = started
@@ -334,7 +334,7 @@ class UdpAssociation:
         counters[reason] = counters.get(reason, 0) + 1
 
     def granted(self) -> Grant:
-        return self._grant
+        return handed_over(self._admitted)
 
     def revoke(self, by: str) -> None:
         """A reload's new config refuses this association: end it now."""
