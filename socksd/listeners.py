@@ -42,9 +42,16 @@ def open_listener(address: ListenAddress) -> socket.socket:
     return sock
 
 
+def bound(sock: socket.socket) -> tuple[str, int]:
+    """(host, port) of a bound socket, as the kernel names it (IPv6 flow and scope
+    left out): how the supervisor and its workers name a listen address to each other."""
+    host, port = sock.getsockname()[:2]
+    return (host, port)
+
+
 def describe(sock: socket.socket) -> str:
     """ "host:port" of a bound socket, IPv6 in brackets."""
-    return hostport(*sock.getsockname()[:2])
+    return hostport(*bound(sock))
 
 
 def open_slot_listeners(

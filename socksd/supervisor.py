@@ -50,7 +50,7 @@ from socksd.control import (
 )
 from socksd.errors import EXIT_BOOT, EXIT_OK, SocksdError
 from socksd.kernel import check, check_nofile, raise_nofile_soft, read_kernel_settings
-from socksd.listeners import close_all, describe, grow_slots, open_slot_listeners
+from socksd.listeners import bound, close_all, describe, grow_slots, open_slot_listeners
 from socksd.signals import SignalPipe
 from socksd.stats import Aggregate, SupervisorFacts, WorkerView, add_counters
 from socksd.timewait import TimeWaitSample, sample_time_wait
@@ -274,8 +274,8 @@ class Supervisor:
         )
         self._resize(pending, new.worker_count)
         # As the workers' sockets name themselves (an IPv4-mapped address included).
-        bound = [socks[0].getsockname()[:2] for socks in self.listeners.values()]
-        body = {"reload": pending.number, "config": new, "listen": bound}
+        listen = [bound(socks[0]) for socks in self.listeners.values()]
+        body = {"reload": pending.number, "config": new, "listen": listen}
         # Every live worker, the draining ones too (a removed user is revoked there as
         # well); a slot waiting for its respawn forks with the new config.
         for proc in list(self.procs.values()):
@@ -316,13 +316,17 @@ class Supervisor:
         while len(self.slots) < count:
             self.slots.append(Slot(len(self.slots)))
             pending.spawned += 1
-        deadline = time.monotonic() + self.config.shutdown_timeout + _KILL_GRACE
         for slot in self.slots[count:]:
             if slot.proc is not None:
-                self._signal(slot.proc, signal.SIGTERM)  # drain, tunnels are not cut
-                slot.proc.kill_after = deadline
+                self._drain(slot.proc)
                 pending.drained += 1
         del self.slots[count:]
+
+    def _drain(self, proc: Proc) -> None:
+        """TERM `proc`: it stops accepting and its tunnels get `shutdown_timeout` (KILL
+        after that and a grace)."""
+        self._signal(proc, signal.SIGTERM)
+        proc.kill_after = time.monotonic() + self.config.shutdown_timeout + _KILL_GRACE
 
     def read_link(self, proc: Proc) -> None:
         """A worker's answers on its channel."""
@@ -337,8 +341,7 @@ class Supervisor:
             self.log.error("channel_broken", worker=proc.view.slot, error=str(exc))
             self._close_link(proc)
             if proc.term_at is None and self.stopping is None:
-                self._signal(proc, signal.SIGTERM)
-                proc.kill_after = time.monotonic() + self.config.shutdown_timeout + _KILL_GRACE
+                self._drain(proc)
             return
         if frames is None:  # EOF: the worker is exiting (or gone); the reaper sees it
             self._close_link(proc)
@@ -365,7 +368,9 @@ class Supervisor:
             self._close_link(proc)  # the worker is gone; the reaper will see it
             return
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if link.wants_write() else 0)
-        self.sel.modify(link.fileno(), events, _Link(proc, self))
+        key = self.sel.get_key(link.fileno())
+        if key.events != events:
+            self.sel.modify(link.fileno(), events, key.data)
 
     def _close_link(self, proc: Proc) -> None:
         link, proc.link = proc.link, None

@@ -1,7 +1,8 @@
 """What every session of one worker shares.
 
-Owns: the per-worker singletons (loop, resolver pool, authenticator, read buffer) and
-the registry of open connections used at shutdown.
+Owns: the per-worker singletons (loop, resolver pool, authenticator, read buffer), the
+config in force with the policies made from it (`use_config()`: at start and on every
+reload), and the registry of open connections (shutdown, a reload's re-check).
 Must not: hold per-connection state.
 """
 
@@ -13,6 +14,7 @@ from typing import Any, Protocol
 from socksd.access import ClientPolicy, DestinationPolicy
 from socksd.config import Config
 from socksd.policy import EgressPolicy
+from socksd.revocation import Grant
 from workers.authenticator import Authenticator
 from workers.counters import WorkerCounters
 from workers.limits import Limits
@@ -25,10 +27,16 @@ RELAY_BUFFER = 64 * 1024
 
 
 class Closable(Protocol):
+    """An open connection of the worker: a session, a relay or a UDP association."""
+
     def close(self, reason: str, abortive: bool = False) -> None: ...
 
+    def granted(self) -> Grant: ...  # what it was admitted on (a reload re-checks it)
 
-# kw_only: eleven fields, several of the same type; built once per process, by name.
+    def revoke(self, by: str) -> None: ...  # a reload's config refuses it: end it now
+
+
+# kw_only: several fields of the same type; built once per process, by name.
 @dataclass(slots=True, eq=False, kw_only=True)
 class WorkerContext:
     """The objects every session of this worker shares, built once by `workers.main`."""
@@ -36,12 +44,8 @@ class WorkerContext:
     loop: Loop
     config: Config
     resolver: Resolver
-    authenticator: Authenticator | None
     log: Any
     pressure: PortPressure
-    policy: EgressPolicy
-    clients: ClientPolicy
-    destinations: DestinationPolicy
     limits: Limits
     counters: WorkerCounters = field(default_factory=WorkerCounters)
     pipes: PipePool | None = field(default_factory=PipePool)  # None: no splice
@@ -50,10 +54,32 @@ class WorkerContext:
     # Sessions whose handshake or connect deadline runs (watched by DeadlineSweep).
     handshakes: set[Any] = field(default_factory=set)
     _conn_seq: int = 0
+    # Derived from the config by use_config() (at start, and by every reload):
+    authenticator: Authenticator | None = None  # None: auth.method = "none"
+    policy: EgressPolicy = field(init=False)
+    clients: ClientPolicy = field(init=False)
+    destinations: DestinationPolicy = field(init=False)
     socks5_off: bool = field(init=False)  # config.protocols has no "socks5" (SOCKS4 only)
 
-    def __post_init__(self) -> None:
-        self.socks5_off = "socks5" not in self.config.protocols
+    def use_config(self, config: Config, own: list[tuple[str, int]]) -> int:
+        """Make `config` the one in force, with the policies made from it; `own`: the
+        listen addresses as bound (port 0 means "any": a tunnel into one would loop).
+
+        Returns:
+            How many cached logins were dropped (users removed or changed).
+        """
+        self.config = config
+        self.socks5_off = "socks5" not in config.protocols
+        self.policy = EgressPolicy(config.egress.mappings)
+        self.clients = ClientPolicy(config.access.clients, loopback_only=config.loopback_only)
+        self.destinations = DestinationPolicy(config.access.destinations, own)
+        if config.auth.method != "password":
+            self.authenticator = None
+        elif self.authenticator is None:
+            self.authenticator = Authenticator(config.auth.users, self.resolver)
+        else:
+            return self.authenticator.update(config.auth.users)
+        return 0
 
     def next_conn_id(self) -> int:
         self._conn_seq += 1

@@ -89,13 +89,11 @@ class Limits:
         self._users = config.access.users
         self.max_tunnels = config.worker_tunnel_limit()
         for user, bucket in list(self._buckets.items()):
-            ua = self._users.get(user, _NO_USER)
-            rate = ua.rate or self._cfg.user_rate
+            rate, burst = self._rate_of(self._users.get(user, _NO_USER))
             if not rate:
                 del self._buckets[user]
                 continue
-            bucket.rate = rate
-            bucket.burst = float(max(ua.burst or self._cfg.user_burst or int(rate), 1))
+            bucket.rate, bucket.burst = rate, float(burst)
             bucket.tokens = min(bucket.tokens, bucket.burst)
         per_user = self._cfg.max_tunnels_per_user or self._cfg.user_rate
         self.claims_needed = bool(
@@ -117,17 +115,22 @@ class Limits:
             user_limit = ua.max_tunnels or cfg.max_tunnels_per_user
             if user_limit and self._per_user.get(user, 0) >= user_limit:
                 return self.refuse("user_tunnel_limit", now, user=user)
-            rate = ua.rate or cfg.user_rate
+            rate, burst = self._rate_of(ua)
             if rate:
                 bucket = self._buckets.get(user)
                 if bucket is None:
-                    burst = ua.burst or cfg.user_burst or max(1, int(rate))
                     bucket = self._buckets[user] = _Bucket(rate, burst, now)
                 if not bucket.take(now):
                     return self.refuse("user_rate_limit", now, user=user)
             self._per_user[user] = self._per_user.get(user, 0) + 1
         self._per_ip[client_ip] = self._per_ip.get(client_ip, 0) + 1
         return Claim(self, client_ip, user)
+
+    def _rate_of(self, ua: UserAccess) -> tuple[float, int]:
+        """A user's new tunnels per second (0: no limit) and burst: their own, else the
+        global ones; the burst defaults to one second's worth (at least 1)."""
+        rate = ua.rate or self._cfg.user_rate
+        return rate, max(1, ua.burst or self._cfg.user_burst or int(rate))
 
     def _release(self, claim: Claim) -> None:
         for table, key in ((self._per_ip, claim.ip), (self._per_user, claim.user)):

@@ -19,15 +19,12 @@ from typing import Any
 import setproctitle
 
 from socksd import logs
-from socksd.access import ClientPolicy, DestinationPolicy
 from socksd.config import Config
 from socksd.kernel import KernelSettings, read_kernel_settings
-from socksd.listeners import describe
-from socksd.policy import EgressPolicy
+from socksd.listeners import bound, describe
 from socksd.signals import SignalPipe
 from workers import sweeps
 from workers.acceptor import Acceptor
-from workers.authenticator import Authenticator
 from workers.context import WorkerContext
 from workers.counters import WorkerCounters
 from workers.limits import Limits
@@ -53,9 +50,6 @@ def _context(
         loop=loop,
         config=config,
         resolver=resolver,
-        authenticator=(
-            Authenticator(config.auth.users, resolver) if config.auth.method == "password" else None
-        ),
         log=log,
         pressure=PortPressure(
             settings=settings,
@@ -63,15 +57,11 @@ def _context(
             max_targets=config.egress.max_tracked_targets,
             log=log,
         ),
-        policy=EgressPolicy(config.egress.mappings),
-        clients=ClientPolicy(config.access.clients, loopback_only=config.loopback_only),
-        # The bound addresses, not the configured ones: port 0 means "any".
-        destinations=DestinationPolicy(
-            config.access.destinations, [s.getsockname()[:2] for s in listeners]
-        ),
         limits=Limits(config=config, log=log, counters=counters),
         counters=counters,
     )
+    # The bound addresses, not the configured ones: port 0 means "any".
+    ctx.use_config(config, [bound(s) for s in listeners])
     if not config.relay_splice:
         ctx.pipes = None
     return ctx
@@ -110,15 +100,8 @@ class Worker:
         self.ctx = ctx = _context(config, listeners, loop, self.log, self.settings)
         self.resolver = ctx.resolver
         self.pressure = ctx.pressure
-        timeouts = config.timeouts
         self.sweeps = sweeps.start(
-            loop,
-            handshakes=ctx.handshakes,
-            open_conns=ctx.open,
-            handshake=timeouts.handshake,
-            connect=timeouts.connect,
-            idle=timeouts.idle,
-            udp_idle=timeouts.udp_idle,
+            loop, handshakes=ctx.handshakes, open_conns=ctx.open, timeouts=config.timeouts
         )
         self.reporter = Reporter(
             loop=loop,

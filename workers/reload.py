@@ -16,21 +16,18 @@ that reads `ctx.config` before it sees the old one, after it the new one.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from socksd import logs
-from socksd.access import ClientPolicy, DestinationPolicy
 from socksd.channel import APPLIED, CONFIG, Channel, ChannelError, Frame
 from socksd.config import Config
-from socksd.listeners import describe
-from socksd.policy import EgressPolicy
+from socksd.listeners import bound, describe
 from socksd.revocation import Grant, revoked_by
 from workers import admission, sweeps
 from workers.acceptor import Acceptor
-from workers.authenticator import Authenticator
 from workers.context import WorkerContext
 from workers.loop import EVENT_READ, EVENT_WRITE
 from workers.reporter import Reporter
@@ -75,67 +72,43 @@ def apply(
     started = time.monotonic()
     ctx = worker.ctx
     old = ctx.config
-    ctx.config = config
-    ctx.socks5_off = "socks5" not in config.protocols
     if config.log.level != old.log.level:
         logs.configure(config.log.level)
         # Loggers made earlier keep the level they were made with: renew the long-lived
         # ones (connections open before the reload keep theirs).
         worker.log = ctx.log = ctx.limits.log = ctx.pressure.log = logs.get_logger()
-    dropped = _users(ctx, config)
-    own = _listeners(worker, listen, new_listeners)
-    ctx.clients = ClientPolicy(config.access.clients, loopback_only=config.loopback_only)
-    ctx.destinations = DestinationPolicy(config.access.destinations, own)
-    ctx.policy = EgressPolicy(config.egress.mappings)
+    _listeners(worker, listen, new_listeners)
+    dropped = ctx.use_config(config, listen)
     ctx.limits.reconfigure(config)
     ctx.pressure.retune(config.egress.pressure_threshold, config.egress.max_tracked_targets)
     ctx.resolver.reconfigure(config.resolver, connect_timeout=config.timeouts.connect)
     sweeps.retime(worker.sweeps, config.timeouts)
     worker.reporter.interval = config.stats.interval
+    checked = len(ctx.open)
     revoked = _recheck(ctx, auth_changed=config.auth.method != old.auth.method)
     result = {
         "revoked": revoked,
-        "checked": len(ctx.open) + sum(revoked.values()),
+        "checked": checked,
         "credentials_dropped": dropped,
-        "listen": [f"{host}:{port}" for host, port in own],
+        "listen": [f"{host}:{port}" for host, port in listen],
         "duration_ms": round((time.monotonic() - started) * 1000, 1),
     }
     worker.log.info("reload_applied", **result)
     return result
 
 
-def _users(ctx: WorkerContext, config: Config) -> int:
-    """The authenticator for the new users; returns how many cached logins it dropped."""
-    if config.auth.method != "password":
-        ctx.authenticator = None
-        return 0
-    if ctx.authenticator is None:
-        ctx.authenticator = Authenticator(config.auth.users, ctx.resolver)
-        return 0
-    return ctx.authenticator.update(config.auth.users)
-
-
-def _listeners(
-    worker: Reloadable, listen: list[tuple[str, int]], new: list[socket.socket]
-) -> list[tuple[str, int]]:
+def _listeners(worker: Reloadable, listen: list[tuple[str, int]], new: list[socket.socket]) -> None:
     """Close the acceptors of removed addresses (their open tunnels stay), open those
-    of added ones; returns the addresses the proxy listens on (its own: a tunnel
-    into one of them would loop)."""
+    of added ones."""
     keep = set(listen)
-    for acceptor in [a for a in worker.acceptors if _bound(a.sock) not in keep]:
+    for acceptor in [a for a in worker.acceptors if bound(a.sock) not in keep]:
         acceptor.close()
         worker.acceptors.remove(acceptor)
     for sock in new:
-        if worker.draining or _bound(sock) not in keep:
+        if worker.draining or bound(sock) not in keep:
             sock.close()  # a stopping worker accepts nothing new
         else:
             worker.acceptors.append(Acceptor(worker.ctx, sock, describe(sock)))
-    return list(listen)
-
-
-def _bound(sock: socket.socket) -> tuple[str, int]:
-    host, port = sock.getsockname()[:2]
-    return (host, port)
 
 
 def _recheck(ctx: WorkerContext, *, auth_changed: bool) -> dict[str, int]:
@@ -143,22 +116,20 @@ def _recheck(ctx: WorkerContext, *, auth_changed: bool) -> dict[str, int]:
     config = ctx.config
     revoked: dict[str, int] = {}
     for conn in list(ctx.open):
-        granted: Callable[[], Grant] | None = getattr(conn, "granted", None)
-        if granted is None:
-            continue
-        grant = granted()
+        session = conn if type(conn) is Session else None
+        if session is not None and session.phase is Phase.DRAINING:
+            continue  # its failure reply is sent: it ends anyway
+        grant = conn.granted()
         by = revoked_by(grant, config, ctx.clients, ctx.destinations)
-        if by is None and auth_changed and getattr(conn, "method_chosen", False):
-            # Its greeting chose a method the new config no longer offers.
-            by = "auth.method"
+        if by is None and auth_changed and session is not None and session.method_chosen:
+            by = "auth.method"  # its greeting chose a method no longer offered
         if by is not None:
-            if getattr(conn, "phase", None) is not Phase.DRAINING:  # already ending
-                conn.revoke(by)  # type: ignore[attr-defined]
-                revoked[by] = revoked.get(by, 0) + 1
+            conn.revoke(by)
+            revoked[by] = revoked.get(by, 0) + 1
         elif type(conn) is UdpAssociation:
             conn.user_rules = admission.user_rules(ctx, grant.user)
-        elif type(conn) is Session:
-            conn.refilter()  # addresses still to try, under the new rules
+        elif session is not None:
+            session.refilter()  # addresses still to try, under the new rules
     return revoked
 
 
@@ -204,7 +175,7 @@ class WorkerChannel:
     def _handle(self, frame: Frame) -> None:
         if frame.kind != CONFIG:
             for fd in frame.fds:
-                socket.socket(fileno=fd).close()
+                os.close(fd)
             self._worker.log.warning("channel_frame_unknown", kind=frame.kind)
             return
         body = frame.body

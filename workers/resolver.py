@@ -56,13 +56,7 @@ class Resolver:
         system = config.backend == "system"
         self._cares = None if system else CaresBackend(loop, config, self._timeout)
         self._hosts = None if system else HostsFile()
-        self._cache = DnsCache(
-            size=config.cache_size,
-            min_ttl=config.min_ttl,
-            max_ttl=config.max_ttl,
-            negative_ttl=config.negative_ttl,
-            stale_ttl=config.stale_ttl,
-        )
+        self._cache = DnsCache(**_cache_limits(config))
         self._lookups: dict[str, _Lookup] = {}  # name -> the lookup under way
         self._max_ttl = config.max_ttl
         self._config = config
@@ -76,13 +70,7 @@ class Resolver:
         old, self._config = self._config, config
         self._timeout = min(config.timeout, connect_timeout)
         self._max_ttl = config.max_ttl
-        self._cache.retune(
-            size=config.cache_size,
-            min_ttl=config.min_ttl,
-            max_ttl=config.max_ttl,
-            negative_ttl=config.negative_ttl,
-            stale_ttl=config.stale_ttl,
-        )
+        self._cache.retune(**_cache_limits(config))
         channel = (config.nameservers, config.timeout, config.tries)
         if self._cares is not None and channel != (old.nameservers, old.timeout, old.tries):
             self._cares.retire()
@@ -216,6 +204,17 @@ class _Lookup:
         if not self.finished:
             self.finished = True
             self._resolver._finish(self, (), 0.0, "dns_timeout")
+
+
+def _cache_limits(config: ResolverConfig) -> dict[str, Any]:
+    """The cache's size and TTL clamps, as DnsCache takes them."""
+    return {
+        "size": config.cache_size,
+        "min_ttl": config.min_ttl,
+        "max_ttl": config.max_ttl,
+        "negative_ttl": config.negative_ttl,
+        "stale_ttl": config.stale_ttl,
+    }
 
 
 def _answer(callback: ResolveCallback, entry: Entry, port: int) -> None:

@@ -33,23 +33,23 @@ class Sweep:
         self,
         loop: Loop,
         members: Collection[Any],
-        timeouts: tuple[float, ...],
-        age: float,
         overdue: Callable[[Any, float], bool],
         expire: Callable[[Any], object],
     ) -> None:
         self._loop = loop
         self._members = members
-        self._age = age
         self._overdue = overdue
         self._expire = expire
-        self.interval = min(1.0, *(t / 4 for t in timeouts))
-        loop.call_later(self.interval, self._sweep)
+        self._age = 0.0
+        self.interval = 1.0
 
     def retime(self, timeouts: tuple[float, ...], age: float) -> None:
-        """A reload's timeouts: from the next sweep on."""
+        """The timeouts it enforces (at start, and a reload's from the next sweep on)."""
         self._age = age
         self.interval = min(1.0, *(t / 4 for t in timeouts))
+
+    def start(self) -> None:
+        self._loop.call_later(self.interval, self._sweep)
 
     def _sweep(self) -> None:
         cutoff = self._loop.now - self._age
@@ -84,23 +84,24 @@ def start(
     *,
     handshakes: Collection[Session],
     open_conns: Collection[object],
-    handshake: float,
-    connect: float,
-    idle: float,
-    udp_idle: float,
+    timeouts: Timeouts,
 ) -> tuple[Sweep, ...]:
     """The worker's three sweeps: deadlines over `handshakes` (the sessions in their
     handshake or connect, each with its own `deadline`); tunnel idle and UDP
     association idle over `open_conns` (every open connection of the worker)."""
-    return (
-        Sweep(loop, handshakes, (handshake, connect), 0.0, _deadline_passed, Session.on_deadline),
-        Sweep(loop, open_conns, (idle,), idle, _relay_quiet, _cut_relay),
-        Sweep(loop, open_conns, (udp_idle,), udp_idle, _association_quiet, _end_association),
+    sweeps = (
+        Sweep(loop, handshakes, _deadline_passed, Session.on_deadline),
+        Sweep(loop, open_conns, _relay_quiet, _cut_relay),
+        Sweep(loop, open_conns, _association_quiet, _end_association),
     )
+    retime(sweeps, timeouts)
+    for sweep in sweeps:
+        sweep.start()
+    return sweeps
 
 
 def retime(sweeps: tuple[Sweep, ...], timeouts: Timeouts) -> None:
-    """Give the three sweeps of `start()` a reload's timeouts."""
+    """Give the three sweeps of `start()` their timeouts (a reload's, too)."""
     deadlines, idle, udp_idle = sweeps
     deadlines.retime((timeouts.handshake, timeouts.connect), 0.0)
     idle.retime((timeouts.idle,), timeouts.idle)
