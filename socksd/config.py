@@ -118,6 +118,23 @@ class StatsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AccountingConfig:
+    """Per-customer usage: per user and per ingress IP, and interim records."""
+
+    enabled: bool = True
+    interval: float = 60.0  # a `tunnel_usage` line per tunnel open longer than this
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """What `/metrics` exposes beyond the per-worker and per-egress-IP series."""
+
+    per_user: bool = False  # socksd_user_* series (one set per user: opt-in)
+    per_ingress: bool = False  # socksd_ingress_* series
+    max_users: int = 1000  # users with series; the others are summed as the overflow
+
+
+@dataclass(frozen=True, slots=True)
 class ControlConfig:
     """The local control socket `socksd stats` talks to."""
 
@@ -208,6 +225,8 @@ class Config:
     stats: StatsConfig = StatsConfig()
     control: ControlConfig = ControlConfig()
     metrics_listen: ListenAddress | None = None
+    metrics: MetricsConfig = MetricsConfig()
+    accounting: AccountingConfig = AccountingConfig()
     relay_splice: bool = True
     access: AccessConfig = field(default_factory=AccessConfig)
     limits: LimitsConfig = LimitsConfig()
@@ -265,6 +284,18 @@ class _Table:
         if value <= 0:
             raise ConfigError(f"{self.key(name)}: must be > 0, got {value!r}")
         return float(value)
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self.get(name, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self.key(name)}: must be true or false, got {value!r}")
+        return value
+
+    def count(self, name: str, default: int) -> int:
+        value = self.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{self.key(name)}: must be an integer >= 0, got {value!r}")
+        return value
 
     def seconds(self, cls: type[_Numbers]) -> _Numbers:
         """A whole table of positive numbers: each field of `cls` (a dataclass), in field
@@ -324,9 +355,7 @@ def _parse_auth(t: _Table, base: Path) -> tuple[AuthConfig, dict[str, UserAccess
     users_file = t.get("users_file")
     if users_file is not None and (not isinstance(users_file, str) or not users_file):
         raise ConfigError(f"{t.key('users_file')}: must be a path")
-    watch = t.get("watch", False)
-    if not isinstance(watch, bool):
-        raise ConfigError(f"{t.key('watch')}: must be true or false")
+    watch = t.flag("watch", False)
     if watch and users_file is None:
         raise ConfigError(f"{t.key('watch')}: watches auth.users_file, which is not set")
     t.done()
@@ -579,9 +608,7 @@ def _parse_rules(value: object, key: str, address_key: str) -> tuple[access.Rule
 def _parse_access(
     t: _Table, auth: AuthConfig, file_rules: Mapping[str, UserAccess]
 ) -> AccessConfig:
-    open_proxy = t.get("allow_open_proxy", False)
-    if not isinstance(open_proxy, bool):
-        raise ConfigError(f"{t.key('allow_open_proxy')}: must be true or false")
+    open_proxy = t.flag("allow_open_proxy", False)
     clients = _parse_rules(t.get("clients", []), t.key("clients"), "from")
     destinations = _parse_rules(t.get("destinations", []), t.key("destinations"), "to")
     ut = t.table("users")
@@ -700,15 +727,24 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     ct.done()
 
     rl = root.table("relay")
-    splice = rl.get("splice", True)
-    if not isinstance(splice, bool):
-        raise ConfigError(f"relay.splice: must be true or false, got {splice!r}")
+    splice = rl.flag("splice", True)
     rl.done()
 
     mt = root.table("metrics")
     metrics_raw = mt.get("listen")
     metrics_listen = None if metrics_raw is None else parse_listen(metrics_raw, "metrics.listen")
+    metrics = MetricsConfig(
+        per_user=mt.flag("per_user", False),
+        per_ingress=mt.flag("per_ingress", False),
+        max_users=mt.count("max_users", 1000),
+    )
     mt.done()
+
+    at = root.table("accounting")
+    accounting = AccountingConfig(
+        enabled=at.flag("enabled", True), interval=at.number("interval", 60.0)
+    )
+    at.done()
 
     access_config = _parse_access(root.table("access"), auth, file_rules)
     if access_config.users and auth.method != "password":
@@ -728,6 +764,8 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         stats=stats,
         control=ControlConfig(control_socket),
         metrics_listen=metrics_listen,
+        metrics=metrics,
+        accounting=accounting,
         relay_splice=splice,
         access=access_config,
         limits=limits,

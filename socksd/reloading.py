@@ -18,12 +18,14 @@ from dataclasses import fields, replace
 from socksd.config import Config
 
 # Settings that keep their running value until a restart, and why:
+#   accounting.enabled every open tunnel keeps the meter (or none) it opened with
 #   control.socket    the supervisor's own socket; `socksd reload` is talking to it
 #   metrics.listen    the supervisor's own listener
 #   relay.splice      each worker's pipe pool, lent out to live tunnels
 #   resolver.backend  each worker's resolver and its thread pool
 #   resolver.threads  (scrypt runs in that pool too)
 RESTART_ONLY = (
+    "accounting.enabled",
     "control.socket",
     "metrics.listen",
     "relay.splice",
@@ -44,6 +46,8 @@ _SECTIONS = {
     "stats": "stats",
     "control": "control",
     "metrics_listen": "metrics",
+    "metrics": "metrics",
+    "accounting": "accounting",
     "relay_splice": "relay",
     "access": "access",
     "limits": "limits",
@@ -53,6 +57,7 @@ _SECTIONS = {
 
 def _restart_values(config: Config) -> tuple[object, ...]:
     return (
+        config.accounting.enabled,
         config.control.socket,
         config.metrics_listen,
         config.relay_splice,
@@ -71,6 +76,7 @@ def carry_over(old: Config, new: Config) -> Config:
     """`new` with the running values of the RESTART_ONLY settings."""
     return replace(
         new,
+        accounting=replace(new.accounting, enabled=old.accounting.enabled),
         control=old.control,
         metrics_listen=old.metrics_listen,
         relay_splice=old.relay_splice,
@@ -80,8 +86,9 @@ def carry_over(old: Config, new: Config) -> Config:
 
 def changed_sections(old: Config, new: Config) -> list[str]:
     """The sections (top-level keys) whose values differ between `old` and `new`."""
-    return [
+    changed = (
         _SECTIONS[f.name]
         for f in fields(Config)
         if f.name in _SECTIONS and getattr(old, f.name) != getattr(new, f.name)
-    ]
+    )
+    return list(dict.fromkeys(changed))  # metrics.listen and metrics.per_user: one section
