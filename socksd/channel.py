@@ -28,6 +28,9 @@ from typing import Any
 # Frame kinds.
 CONFIG = 1  # supervisor -> worker: {"reload", "config", "listen"}; fds: new listeners
 APPLIED = 2  # worker -> supervisor: {"reload", "revoked", ...}, the reload's figures
+USAGE = 3  # worker -> supervisor: the accounts changed since its last one (socksd.usage)
+QUERY = 4  # supervisor -> worker: {"id", "op": "tunnels" | "kick", "user", "ingress", "conn"}
+ANSWER = 5  # worker -> supervisor: {"id", "tunnels": [...]} (both ops; kick: those closed)
 
 _HEADER = struct.Struct("!IBB")  # payload length, kind, descriptors sent with it
 MAX_FRAME = 1 << 30  # 100,000 users with rules pickle to ~15 MiB; this is a sanity cap
@@ -102,6 +105,18 @@ class Channel:
                 return
             self._out.popleft()
 
+    def flush_blocking(self, timeout: float) -> None:
+        """Send what is queued, each send waiting up to `timeout` seconds (a worker's
+        last frames at exit, when no loop runs any more); on a timeout the rest is
+        dropped."""
+        self.sock.settimeout(timeout)
+        try:
+            self.write()
+        except OSError:
+            pass  # the supervisor is gone, or too slow: nothing more can be done
+        finally:
+            self.sock.setblocking(False)
+
     # -- receiving ----------------------------------------------------------------------
 
     def read(self) -> list[Frame] | None:
@@ -128,7 +143,8 @@ class Channel:
                 raise ChannelError("descriptors lost in transit (MSG_CTRUNC: out of fds?)")
             if not data:
                 self.eof = True
-                return None
+                # The frames completed before the EOF (a worker's last usage report).
+                return self._frames() or None
             self._inbuf += data
             if len(data) < _READ:
                 break

@@ -1,8 +1,9 @@
 """The supervisor's local endpoints: the control socket and the optional metrics port.
 
 Owns: a non-blocking one-request-one-response server used for both (a unix socket
-answering `stats` and `reload`, and a minimal HTTP GET /metrics), the `socksd stats`
-and `socksd reload` client, and the human table it prints. A response may come later
+answering `stats`, `users`, `ingress`, `reload`, `tunnels` and `kick`, and a minimal
+HTTP GET /metrics), the client of the `socksd` commands that ask it, and the human
+table of `socksd stats`. A response may come later
 than its request (`LATER`: a reload answers once every worker applied it).
 Must not: compute figures; it is handed a function that returns the aggregate.
 """
@@ -38,7 +39,7 @@ Responder = Callable[[bytes, Answer], "bytes | None | _Later"]
 
 
 CONN_TIMEOUT = 5.0  # a request/response must be done within this, or it is dropped
-LATER_TIMEOUT = 60.0  # ... or this, when the response comes later (a reload)
+LATER_TIMEOUT = 60.0  # ... or this, when the response comes later (a reload, a query)
 MAX_CONNS = 32  # concurrent connections per endpoint; more wait in the backlog
 _PAUSE = 1.0  # out of fds: stop accepting this long
 
@@ -216,21 +217,60 @@ def open_metrics_socket(address: ListenAddress) -> socket.socket:
 def control_responder(
     aggregate: Callable[[], Mapping[str, Any]],
     reload: Callable[[Callable[[dict[str, Any]], None]], None],
+    usage: Callable[[str], list[dict[str, Any]]],
+    ask: Callable[[str, dict[str, Any], Callable[[dict[str, Any]], None]], None],
 ) -> Responder:
-    """`stats`: the aggregate now; `reload`: the reload's outcome once it is done."""
+    """`stats`: the aggregate now; `users` / `ingress`: the per-customer rows now;
+    `reload`: the reload's outcome once it is done; `tunnels QUERY` / `kick QUERY`
+    (QUERY: a JSON object of `user`, `ingress`, `conn`): the workers' answers."""
 
     def respond(request: bytes, answer: Answer) -> bytes | None | _Later:
         if b"\n" not in request:
             return None
-        command = request.split(b"\n", 1)[0].strip()
+        line = request.split(b"\n", 1)[0].strip()
+        command, _, arg = line.partition(b" ")
         if command == b"stats":
             return orjson.dumps(aggregate(), option=orjson.OPT_NON_STR_KEYS) + b"\n"
+        if command in (b"users", b"ingress"):
+            return orjson.dumps({"ok": True, command.decode(): usage(command.decode())}) + b"\n"
         if command == b"reload":
             reload(lambda outcome: answer(orjson.dumps(outcome) + b"\n"))
             return LATER
-        return orjson.dumps({"error": f"unknown command {command.decode(errors='replace')!r}"})
+        if command in (b"tunnels", b"kick"):
+            fields, error = _tunnel_query(arg)
+            if error:
+                return orjson.dumps({"ok": False, "error": error}) + b"\n"
+            ask(command.decode(), fields, lambda outcome: answer(orjson.dumps(outcome) + b"\n"))
+            return LATER
+        text = command.decode(errors="replace")
+        return orjson.dumps({"ok": False, "error": f"unknown command {text!r}"}) + b"\n"
 
     return respond
+
+
+def _tunnel_query(arg: bytes) -> tuple[dict[str, Any], str]:
+    """The filter of `tunnels` / `kick`, or why it is not one."""
+    try:
+        raw = orjson.loads(arg) if arg.strip() else {}
+    except orjson.JSONDecodeError:
+        return {}, "the query is not JSON"
+    if not isinstance(raw, dict):
+        return {}, "the query must be a JSON object"
+    fields: dict[str, Any] = {}
+    for key in ("user", "ingress", "conn"):
+        value = raw.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            return {}, f"{key}: must be a string"
+        fields[key] = value
+    unknown = sorted(set(raw) - {"user", "ingress", "conn"})
+    if unknown:
+        return {}, f"{unknown[0]}: unknown key"
+    conn = fields.get("conn", "0:0").split(":")
+    if len(conn) != 2 or not all(part.isdigit() for part in conn):
+        return {}, "conn: must be PID:CONN_ID, as `socksd tunnels` shows it"
+    return fields, ""
 
 
 def metrics_responder(render: Callable[[], str]) -> Responder:

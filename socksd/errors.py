@@ -28,3 +28,9 @@ class ListenError(SocksdError):
     """A listening socket could not be opened (address in use, not local, ...)."""
 
     exit_code = EXIT_FAILURE
+
+
+class UsageError(SocksdError):
+    """A command's arguments were refused (by the running server, e.g. a bad id)."""
+
+    exit_code = EXIT_CONFIG

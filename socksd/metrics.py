@@ -247,6 +247,42 @@ _TW_PRESSURE = Family(
     "TIME_WAIT sockets / ephemeral ports per (egress IP, target).",
 )
 
+# Per-customer series (metrics.per_user / metrics.per_ingress): declared only when on.
+_USER_BYTES = Family(
+    "user_bytes_total", "counter", "Payload bytes (TCP and UDP) per user, by direction."
+)
+_USER_OPEN = Family("user_tunnels_open", "gauge", "Tunnels and UDP associations open per user.")
+_USER_OPENED = Family(
+    "user_tunnels_total", "counter", "Tunnels and UDP associations opened per user."
+)
+_USER_REFUSED = Family("user_refused_total", "counter", "Requests refused per user, by reason.")
+_OVERFLOW_USERS = Family(
+    "user_series_overflow_users",
+    "gauge",
+    "Users over metrics.max_users: no series of their own, summed in user_overflow_*.",
+)
+_OVERFLOW_BYTES = Family(
+    "user_overflow_bytes_total", "counter", "Payload bytes of the users over metrics.max_users."
+)
+_INGRESS_BYTES = Family(
+    "ingress_bytes_total", "counter", "Payload bytes (TCP and UDP) per ingress IP, by direction."
+)
+_INGRESS_OPEN = Family(
+    "ingress_tunnels_open", "gauge", "Tunnels and UDP associations open per ingress IP."
+)
+_INGRESS_OPENED = Family(
+    "ingress_tunnels_total", "counter", "Tunnels and UDP associations opened per ingress IP."
+)
+USER_FAMILIES = (
+    _USER_BYTES,
+    _USER_OPEN,
+    _USER_OPENED,
+    _USER_REFUSED,
+    _OVERFLOW_USERS,
+    _OVERFLOW_BYTES,
+)
+INGRESS_FAMILIES = (_INGRESS_BYTES, _INGRESS_OPEN, _INGRESS_OPENED)
+
 FAMILIES: tuple[Family, ...] = (
     *(f for _, f in _SUPERVISOR),
     _EPHEMERAL,
@@ -372,7 +408,37 @@ def _add_dns(exp: _Exposition, labels: Mapping[str, Any], dns: Mapping[str, Any]
     exp.add(_DNS_LATENCY, labels, total, "_count")
 
 
-def render(aggregate: Mapping[str, Any]) -> str:
+def _directions(row: Mapping[str, Any]) -> tuple[tuple[str, int], tuple[str, int]]:
+    return (
+        ("up", row["bytes_up"] + row["udp_bytes_up"]),
+        ("down", row["bytes_down"] + row["udp_bytes_down"]),
+    )
+
+
+def _add_usage(exp: _Exposition, usage: Mapping[str, Any]) -> None:
+    """The per-user and per-ingress series (`Supervisor.metrics_usage()`'s rows)."""
+    for row in _list(usage.get("users")):
+        labels = {"user": row["user"] or ""}
+        for direction, n in _directions(row):
+            exp.add(_USER_BYTES, {**labels, "direction": direction}, n)
+        exp.add(_USER_OPEN, labels, row["open"])
+        exp.add(_USER_OPENED, labels, row["tunnels_opened"] + row["udp_opened"])
+        for reason, n in row["refused"].items():
+            exp.add(_USER_REFUSED, {**labels, "reason": reason}, n)
+    overflow = usage.get("users_overflow")
+    if overflow is not None:
+        exp.add(_OVERFLOW_USERS, {}, overflow["users"])
+        for direction, n in _directions(overflow):
+            exp.add(_OVERFLOW_BYTES, {"direction": direction}, n)
+    for row in _list(usage.get("ingress")):
+        labels = {"ingress_ip": row["ingress_ip"]}
+        for direction, n in _directions(row):
+            exp.add(_INGRESS_BYTES, {**labels, "direction": direction}, n)
+        exp.add(_INGRESS_OPEN, labels, row["open"])
+        exp.add(_INGRESS_OPENED, labels, row["tunnels_opened"] + row["udp_opened"])
+
+
+def render(aggregate: Mapping[str, Any], usage: Mapping[str, Any] | None = None) -> str:
     """Render the supervisor's aggregate stats as a Prometheus 0.0.4 text body.
 
     Args:
@@ -381,6 +447,9 @@ def render(aggregate: Mapping[str, Any]) -> str:
             family's HELP/TYPE is still written). `total` is not rendered: it is the
             sum of the per-worker series, which PromQL's `sum()` gives without
             double counting.
+        usage: the per-user (`users`, `users_overflow`) and per-ingress (`ingress`)
+            rows when metrics.per_user / per_ingress are on; None: neither is, and
+            their families are not declared at all.
 
     Returns:
         The exposition text, ending in a newline; serve it with `CONTENT_TYPE`.
@@ -388,7 +457,11 @@ def render(aggregate: Mapping[str, Any]) -> str:
     Raises:
         TypeError: a sample value is not a number.
     """
-    exp = _Exposition(FAMILIES)
+    families = FAMILIES
+    if usage is not None:
+        families += USER_FAMILIES if "users" in usage else ()
+        families += INGRESS_FAMILIES if "ingress" in usage else ()
+    exp = _Exposition(families)
 
     supervisor = _map(aggregate.get("supervisor"))
     for key, family in _SUPERVISOR:
@@ -434,4 +507,6 @@ def render(aggregate: Mapping[str, Any]) -> str:
         exp.add(_TW_PAIR, labels, p.get("count"))
         exp.add(_TW_PRESSURE, labels, p.get("pressure"))
 
+    if usage is not None:
+        _add_usage(exp, usage)
     return exp.text()

@@ -4,7 +4,8 @@ Owns: listeners (opened before any fork, kept open so no accept queue is ever re
 raising the soft fd limit first (through socksd.kernel) so every worker inherits it,
 forking and replacing workers, reloads (the new config sent to the running workers
 over each one's channel, their answers gathered into one `reload_done`), signals,
-reading the workers' stats pipes, the control socket, systemd notifications.
+reading the workers' stats pipes and usage reports, tunnel queries to the workers
+(`socksd tunnels`, `socksd kick`), the control socket, systemd notifications.
 Must not: know SOCKS, or what a stats line holds and how figures are summed
 (socksd.stats does). The worker's entry point is injected by `socksd.cli`.
 
@@ -38,8 +39,8 @@ from typing import Any
 
 import setproctitle
 
-from socksd import logs, metrics, notify, reloading, stats
-from socksd.channel import APPLIED, CONFIG, Channel, ChannelError
+from socksd import logs, metrics, notify, reloading, stats, usage
+from socksd.channel import ANSWER, APPLIED, CONFIG, QUERY, USAGE, Channel, ChannelError
 from socksd.config import Config, ListenAddress, users_file_path
 from socksd.control import (
     Endpoint,
@@ -49,8 +50,10 @@ from socksd.control import (
     open_metrics_socket,
 )
 from socksd.errors import EXIT_BOOT, EXIT_OK, SocksdError
+from socksd.fanout import Fanout
 from socksd.kernel import check, check_nofile, raise_nofile_soft, read_kernel_settings
 from socksd.listeners import bound, close_all, describe, grow_slots, open_slot_listeners
+from socksd.policy import EgressPolicy, family_of
 from socksd.signals import SignalPipe
 from socksd.stats import Aggregate, SupervisorFacts, WorkerView, add_counters
 from socksd.timewait import TimeWaitSample, sample_time_wait
@@ -166,6 +169,8 @@ class Supervisor:
         self._pid = os.getpid()
         self.procs: dict[int, Proc] = {}
         self.retired: dict[str, Any] = {}  # counters of workers that are gone
+        self.usage = usage.UsageBook()  # per user and per ingress IP (channel reports)
+        self.fanout = Fanout()  # tunnel queries out to the workers
         self.slots = [Slot(i) for i in range(config.worker_count)]
         self.listeners = open_slot_listeners(config.listen, config.worker_count)
         self.wake = SignalPipe(_SIGNALS, self.on_signal)
@@ -174,14 +179,14 @@ class Supervisor:
         self.control = Endpoint(
             open_control_socket(self._control_path),
             self.sel,
-            control_responder(self.aggregate, self.reload),
+            control_responder(self.aggregate, self.reload, self.usage_rows, self.ask_workers),
         )
         self.metrics: Endpoint | None = None
         if config.metrics_listen is not None:
             self.metrics = Endpoint(
                 open_metrics_socket(config.metrics_listen),
                 self.sel,
-                metrics_responder(lambda: metrics.render(self.aggregate())),
+                metrics_responder(lambda: metrics.render(self.aggregate(), self.metrics_usage())),
             )
         self.time_wait = TimeWaitSample(total=0, by_pair=(), truncated=False)
         self.stopping: float | None = None  # drain deadline once stopping
@@ -347,7 +352,11 @@ class Supervisor:
             self._close_link(proc)
             return
         for frame in frames:
-            if frame.kind == APPLIED:
+            if frame.kind == USAGE:
+                self.usage.feed(proc.view.pid, frame.body)
+            elif frame.kind == ANSWER:
+                self.fanout.answered(proc.view.pid, frame.body)
+            elif frame.kind == APPLIED:
                 self._applied(proc, frame.body)
 
     def write_link(self, proc: Proc) -> None:
@@ -379,6 +388,7 @@ class Supervisor:
         self.sel.unregister(link.fileno())
         link.close()
         self._forget_answers(proc)
+        self.fanout.gone(proc.view.pid)
 
     def _applied(self, proc: Proc, body: dict[str, Any]) -> None:
         """A worker applied reload `body["reload"]`: count its figures."""
@@ -569,9 +579,11 @@ class Supervisor:
             self.read_stats(proc)  # the bye line, if it is still in the pipe
             if proc.pipe >= 0:
                 self._close_pipe(proc)
+        self.read_link(proc)  # its last usage report, if it is still in the socket
         self._close_link(proc)
         view = proc.view
         add_counters(self.retired, view.counters)
+        self.usage.retire(view.pid)
         self.log.info(
             "worker_exited",
             worker=view.slot,
@@ -624,6 +636,7 @@ class Supervisor:
         self._watch_heartbeats(now)
         self._kill_overdue(now)
         self._expire_reloads(now)
+        self.fanout.expire(now)
         self._watch_users_file(now)
         self._promote_when_ready(now)
         self._sample_time_wait(now)
@@ -758,6 +771,51 @@ class Supervisor:
             time_wait=self.time_wait,
             now=time.monotonic(),
         )
+
+    def usage_rows(self, kind: str) -> list[dict[str, Any]]:
+        """`socksd stats --users` ("users") or `--ingress` ("ingress") as JSON rows."""
+        totals = self.usage.totals(kind)
+        if kind == "users":
+            return usage.user_rows(totals)
+        egress = EgressPolicy(self.config.egress.mappings)
+        egress_of = {ip: egress.source(ip, family_of(ip)) or ip for ip in totals}
+        return usage.ingress_rows(totals, egress_of, self.aggregate()["egress"])
+
+    def metrics_usage(self) -> dict[str, Any] | None:
+        """The per-user and per-ingress part of /metrics (None: neither is enabled)."""
+        mc = self.config.metrics
+        if not (mc.per_user or mc.per_ingress):
+            return None
+        out: dict[str, Any] = {}
+        if mc.per_user:
+            totals = self.usage.totals("users")
+            # A stable set: the first max_users users ever reported keep their series.
+            shown = [n for n in self.usage.seen_users if n in totals][: mc.max_users]
+            rest = [totals[n] for n in totals.keys() - set(shown)]
+            out["users"] = usage.user_rows({n: totals[n] for n in shown})
+            out["users_overflow"] = usage.as_dict("", usage.summed(rest), "user")
+            out["users_overflow"]["users"] = len(rest)
+        if mc.per_ingress:
+            out["ingress"] = self.usage_rows("ingress")
+        return out
+
+    def ask_workers(self, op: str, fields: dict[str, Any], waiter: ReloadWaiter) -> None:
+        """`socksd tunnels` / `socksd kick`: ask every live worker (only the one a
+        `conn` id names), answer `waiter` once they all did."""
+        procs = [p for p in self.procs.values() if p.link is not None]
+        conn = fields.get("conn")
+        if conn is not None:
+            procs = [p for p in procs if str(p.view.pid) == conn.split(":")[0]]
+        self.fanout.ask(
+            op, fields, [p.view.pid for p in procs], self._send_query, waiter, time.monotonic()
+        )
+
+    def _send_query(self, pid: int, body: dict[str, Any]) -> bool:
+        proc = self.procs.get(pid)
+        if proc is None or proc.link is None:
+            return False
+        self._send_link(proc, QUERY, body, ())
+        return proc.link is not None
 
     # -- main loop ------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from socksd.access import ClientPolicy, DestinationPolicy
 from socksd.config import Config
 from socksd.policy import EgressPolicy
 from socksd.revocation import Grant
+from workers.accounting import Ledger
 from workers.authenticator import Authenticator
 from workers.counters import WorkerCounters
 from workers.limits import Limits
@@ -48,6 +49,7 @@ class WorkerContext:
     pressure: PortPressure
     limits: Limits
     counters: WorkerCounters = field(default_factory=WorkerCounters)
+    ledger: Ledger | None = None  # per-user and per-ingress usage; None: accounting off
     pipes: PipePool | None = field(default_factory=PipePool)  # None: no splice
     buffer: memoryview = field(default_factory=lambda: memoryview(bytearray(RELAY_BUFFER)))
     open: set[Closable] = field(default_factory=set)

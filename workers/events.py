@@ -2,8 +2,9 @@
 
 Owns: `Refused` (why a request gets a failure reply, from whichever module decided
 it), the `tunnel_closed` line every connection past its request ends with (session,
-relay, UDP association), `errno_name()` (how an OS error is named in reasons and
-fields), and `LogGate` (the rate limit of warnings that load can repeat).
+relay, UDP association) and the `tunnel_usage` records of long ones,
+`errno_name()` (how an OS error is named in reasons and fields), and `LogGate` (the
+rate limit of warnings that load can repeat).
 Must not: decide anything, or hold state beyond a gate's two numbers.
 """
 
@@ -45,14 +46,18 @@ def tunnel_closed(
     bytes_up: int = 0,
     bytes_down: int = 0,
     reply: int = 0,
+    unreported: tuple[int, int] | None = None,
     **fields: Any,
 ) -> None:
     """The one line of a connection that got past its request, however it ended.
 
     `started`/`now` are loop times; a refused request has `reply` != 0 and no bytes.
+    `unreported`: of the tunnel's (up, down) bytes, those no `tunnel_usage` line gave
+    (`unreported_up` / `unreported_down`; absent when accounting is off): summed with
+    the `tunnel_usage` lines' bytes, a user's traffic over any window, exactly.
     """
     duration_ms = round((now - started) * 1000, 1)
-    if not fields:
+    if not fields and unreported is None:
         # Plain keywords: a **fields call takes CALL_FUNCTION_EX and a second dict,
         # ~1,500 more instructions per tunnel under callgrind (the relay's line).
         log.info(
@@ -64,8 +69,27 @@ def tunnel_closed(
             duration_ms=duration_ms,
         )
         return
+    if not fields and unreported is not None:
+        log.info(
+            "tunnel_closed",
+            reply=reply,
+            reason=reason,
+            bytes_up=bytes_up,
+            bytes_down=bytes_down,
+            unreported_up=unreported[0],
+            unreported_down=unreported[1],
+            duration_ms=duration_ms,
+        )
+        return
     line = {"reply": reply, "reason": reason, "bytes_up": bytes_up, "bytes_down": bytes_down}
+    if unreported is not None:
+        line["unreported_up"], line["unreported_down"] = unreported
     log.info("tunnel_closed", **line, duration_ms=duration_ms, **fields)
+
+
+def tunnel_usage(log: Any, started: float, now: float, fields: dict[str, int]) -> None:
+    """A long tunnel's interim record: the bytes since its previous one (`fields`)."""
+    log.info("tunnel_usage", **fields, duration_ms=round((now - started) * 1000, 1))
 
 
 class LogGate:

@@ -25,6 +25,7 @@ from socksd.listeners import bound, describe
 from socksd.signals import SignalPipe
 from workers import sweeps
 from workers.acceptor import Acceptor
+from workers.accounting import Ledger
 from workers.context import WorkerContext
 from workers.counters import WorkerCounters
 from workers.limits import Limits
@@ -35,6 +36,7 @@ from workers.reporter import Reporter
 from workers.resolver import Resolver
 
 _DRAIN_POLL = 0.1
+_FINAL_REPORT_TIMEOUT = 2.0  # per send, for the last usage report at exit
 _HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1)
 
 
@@ -59,6 +61,8 @@ def _context(
         ),
         limits=Limits(config=config, log=log, counters=counters),
         counters=counters,
+        # accounting.enabled needs a restart: a tunnel keeps the meter it opened with.
+        ledger=Ledger(config.accounting.interval) if config.accounting.enabled else None,
     )
     # The bound addresses, not the configured ones: port 0 means "any".
     ctx.use_config(config, [bound(s) for s in listeners])
@@ -101,7 +105,7 @@ class Worker:
         self.resolver = ctx.resolver
         self.pressure = ctx.pressure
         self.sweeps = sweeps.start(
-            loop, handshakes=ctx.handshakes, open_conns=ctx.open, timeouts=config.timeouts
+            loop, handshakes=ctx.handshakes, open_conns=ctx.open, config=config
         )
         self.reporter = Reporter(
             loop=loop,
@@ -114,6 +118,7 @@ class Worker:
             interval=config.stats.interval,
             on_orphaned=self._orphaned,
             supervisor_pid=supervisor_pid,
+            ledger=ctx.ledger,
         )
         self.signals = SignalPipe(_HANDLED, self.on_signal)
         self.signals.install()
@@ -123,6 +128,7 @@ class Worker:
         self.stop_signal: int | None = None
         self._drain_deadline: float | None = None
         self.channel = None if channel is None else WorkerChannel(self, channel)
+        self.reporter.usage_sink = self.channel
 
     @property
     def config(self) -> Config:
@@ -200,6 +206,8 @@ class Worker:
             self.log_egress_stats()
             self.reporter.bye()
             if self.channel is not None:
+                # The last usage report: the supervisor's totals end exact.
+                self.channel.flush_blocking(_FINAL_REPORT_TIMEOUT)
                 self.channel.close()
             self.loop.unregister(self.signals.r)
             self.signals.close()

@@ -25,8 +25,9 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from socksd.revocation import Admitted, Grant, handed_over
+from workers.accounting import Meter, Moved
 from workers.egress import abort
-from workers.events import errno_name, tunnel_closed
+from workers.events import errno_name, tunnel_closed, tunnel_usage
 from workers.limits import Claim
 from workers.loop import EVENT_READ, EVENT_WRITE
 from workers.pipes import PIPE_SIZE, Pipe
@@ -140,6 +141,7 @@ class Relay:
         "_target_closed_first",
         "_claim",
         "_admitted",
+        "meter",
     )
 
     def __init__(
@@ -181,6 +183,11 @@ class Relay:
         u = self.upstream = _Side(upstream, upstream.fileno(), self, upstream_mask)
         c.peer = u
         u.peer = c
+        ledger = ctx.ledger
+        # This tunnel's place in its user's and ingress IP's books (None: accounting off).
+        self.meter: Meter | None = (
+            None if ledger is None else ledger.open(admitted[3], admitted[2], loop.now, False)
+        )
         # The session's and the connector's registrations: a dict update each.
         if client_mask:
             loop.hand_over(client_fd, c)
@@ -341,6 +348,26 @@ class Relay:
         who = "client" if side is self.client else "upstream"
         self.close(f"{who}_{errno_name(getattr(exc, 'errno', 0))}", abortive=True)
 
+    def moved(self) -> Moved:
+        """Bytes delivered so far: to the target (up), to the client (down, the SOCKS
+        reply left out); no datagrams."""
+        down = self.client.sent - self._reply_len
+        return self.upstream.sent, down if down > 0 else 0, 0, 0
+
+    def record_usage(self) -> None:
+        """A due `tunnel_usage` line (the accounting sweep calls it)."""
+        assert self.meter is not None and self._ctx.ledger is not None
+        now = self._loop.now
+        tunnel_usage(
+            self._log, self._started, now, self._ctx.ledger.record(self.meter, self.moved(), now)
+        )
+
+    def describe(self) -> tuple[Any, str, float, int, int]:
+        """For `socksd tunnels`: the bound logger (its context: conn_id, client, user,
+        target, egress, ...), the kind, the loop time it started, the bytes each way."""
+        moved = self.moved()
+        return self._log, "tcp", self._started, moved[0], moved[1]
+
     def granted(self) -> Grant:
         """What the tunnel was admitted on (a reload re-checks it)."""
         return handed_over(self._admitted)
@@ -379,17 +406,19 @@ class Relay:
                 close_pipe(side.pipe)
                 side.pipe = None
         now = loop.now
-        bytes_up = u.sent
-        bytes_down = c.sent - self._reply_len
-        if bytes_down < 0:
-            bytes_down = 0  # the reply itself was not delivered whole
+        moved = self.moved()
+        bytes_up, bytes_down = moved[0], moved[1]
         ctx = self._ctx
         counters = ctx.counters
         counters.open_tunnels -= 1
         counters.tunnels_closed += 1
         counters.bytes_up += bytes_up
         counters.bytes_down += bytes_down
-        tunnel_closed(self._log, reason, self._started, now, bytes_up, bytes_down)
+        meter = self.meter
+        unreported = None
+        if meter is not None and ctx.ledger is not None:
+            unreported = ctx.ledger.close(meter, moved)
+        tunnel_closed(self._log, reason, self._started, now, bytes_up, bytes_down, 0, unreported)
         ctx.open.discard(self)
         # Break the relay <-> side cycles: freed by refcounting now, not left to the
         # cyclic GC (whose young collections cost ~3 % of a busy worker's CPU).

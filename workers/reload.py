@@ -1,6 +1,7 @@
 """A reload inside a running worker: the new config in place, between two loop passes.
 
-Owns: the worker's end of the supervisor's channel (`socksd.channel`); swapping the
+Owns: the worker's end of the supervisor's channel (`socksd.channel`: reloads, usage
+reports out, tunnel queries answered by `workers.tunnels`); swapping the
 config-derived objects every session reads from the context (policies, limits, the
 authenticator's users, resolver settings, sweep timeouts, log level, stats interval);
 opening acceptors on listen addresses a reload added and closing those of removed
@@ -22,11 +23,12 @@ import time
 from typing import Any, Protocol
 
 from socksd import logs
-from socksd.channel import APPLIED, CONFIG, Channel, ChannelError, Frame
+from socksd.channel import ANSWER, APPLIED, CONFIG, QUERY, USAGE, Channel, ChannelError, Frame
 from socksd.config import Config
 from socksd.listeners import bound, describe
 from socksd.revocation import Grant, revoked_by
-from workers import admission, sweeps
+from socksd.usage import Report
+from workers import admission, sweeps, tunnels
 from workers.acceptor import Acceptor
 from workers.context import WorkerContext
 from workers.loop import EVENT_READ, EVENT_WRITE
@@ -82,7 +84,9 @@ def apply(
     ctx.limits.reconfigure(config)
     ctx.pressure.retune(config.egress.pressure_threshold, config.egress.max_tracked_targets)
     ctx.resolver.reconfigure(config.resolver, connect_timeout=config.timeouts.connect)
-    sweeps.retime(worker.sweeps, config.timeouts)
+    sweeps.retime(worker.sweeps, config)
+    if ctx.ledger is not None:
+        ctx.ledger.interval = config.accounting.interval
     worker.reporter.interval = config.stats.interval
     checked = len(ctx.open)
     revoked = _recheck(ctx, auth_changed=config.auth.method != old.auth.method)
@@ -173,6 +177,10 @@ class WorkerChannel:
         raise exc  # a reload that fails half-way is the worker's bug: let it restart
 
     def _handle(self, frame: Frame) -> None:
+        if frame.kind == QUERY and not frame.fds:
+            found = tunnels.answer(self._worker.ctx, frame.body)
+            self._channel.send(ANSWER, {"id": frame.body.get("id"), "tunnels": found})
+            return
         if frame.kind != CONFIG:
             for fd in frame.fds:
                 os.close(fd)
@@ -185,6 +193,24 @@ class WorkerChannel:
         result = apply(self._worker, body["config"], body["listen"], socks)
         result["reload"] = body["reload"]
         self._channel.send(APPLIED, result)
+
+    @property
+    def idle(self) -> bool:
+        """Open, with nothing queued: a usage report sent now leaves at once."""
+        channel = self._channel
+        return not (channel.closed or channel.eof or channel.wants_write())
+
+    def send_usage(self, report: Report) -> None:
+        """Queue a usage report (`socksd.usage`) and send what the socket takes."""
+        if self._channel.closed or self._channel.eof:
+            return
+        self._channel.send(USAGE, report)
+        self.on_writable()
+
+    def flush_blocking(self, timeout: float) -> None:
+        """At exit: send what is still queued (the last usage report)."""
+        if not (self._channel.closed or self._channel.eof):
+            self._channel.flush_blocking(timeout)
 
     def _update(self) -> None:
         if self._channel.closed or self._channel.eof:

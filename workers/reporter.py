@@ -1,12 +1,19 @@
-"""What a worker tells the supervisor, on a timer: its counters and egress figures.
+"""What a worker tells the supervisor, on a timer: its counters and egress figures,
+and its per-customer usage.
 
 Owns: when lines are sent (hello at start, a flush every `interval`, bye at exit), the
-writes to the supervisor's pipe, and noticing that the supervisor is gone.
+writes to the supervisor's pipe, when usage reports go (with each flush, over the
+channel), and noticing that the supervisor is gone.
 Must not: block, or decide what a line holds: socksd.stats encodes every line. The pipe
 is non-blocking; a full pipe drops the line and counts it.
 
 Counters are totals since the worker started (not deltas), so a dropped line loses
 nothing: the next one carries the totals.
+
+Usage goes over the channel, not the pipe: a report may name thousands of users, more
+than one atomic pipe line (PIPE_BUF) holds, and the channel frames any size. A report
+is skipped while the previous one is still queued (a slow supervisor costs the worker
+no memory); its figures are cumulative too, so the next report makes up for it.
 """
 
 from __future__ import annotations
@@ -14,12 +21,23 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Collection
-from typing import Any
+from typing import Any, Protocol
 
 from socksd.stats import LineHeader, encode_line, encode_report
+from socksd.usage import Report
+from workers.accounting import Ledger
 from workers.counters import WorkerCounters
 from workers.loop import Loop, Timer
 from workers.pressure import PortPressure
+
+
+class UsageSink(Protocol):
+    """Where usage reports go (`workers.reload.WorkerChannel`)."""
+
+    @property
+    def idle(self) -> bool: ...
+
+    def send_usage(self, report: Report) -> None: ...
 
 
 class Reporter:
@@ -38,6 +56,7 @@ class Reporter:
         interval: float,
         on_orphaned: Callable[[], None],
         supervisor_pid: int | None,
+        ledger: Ledger | None = None,
     ) -> None:
         """Set up the reporter; nothing is sent before `start()`.
 
@@ -54,6 +73,8 @@ class Reporter:
             on_orphaned: called once the supervisor is found gone.
             supervisor_pid: the supervisor's pid as the fork saw it; None falls back to
                 getppid() now, which misses a supervisor that died before this call.
+            ledger: the worker's usage books (None: accounting off); reports go to
+                `usage_sink` once the worker sets it.
         """
         self._loop = loop
         self._fd = fd
@@ -69,6 +90,8 @@ class Reporter:
         self._parent = supervisor_pid or os.getppid()
         self._on_orphaned = on_orphaned
         self._timer: Timer | None = None
+        self._ledger = ledger
+        self.usage_sink: UsageSink | None = None
         if fd is not None:
             os.set_blocking(fd, False)
 
@@ -86,18 +109,24 @@ class Reporter:
         self.flush()
         self._timer = self._loop.call_later(self.interval, self._tick)
 
-    def flush(self) -> None:
-        """Send the current figures now (also called at exit)."""
+    def flush(self, final: bool = False) -> None:
+        """Send the current figures now (`final`: at exit, the usage report even if the
+        previous one is still queued)."""
         self._seq += 1
         egress = self._pressure.snapshot(self._loop.now)
         for line in encode_report(self._header(), self._counters, egress, len(self._open)):
             self._write(line)
+        ledger, sink = self._ledger, self.usage_sink
+        if ledger is not None and sink is not None:
+            ledger.fold(self._open)
+            if ledger.changed and (final or sink.idle):
+                sink.send_usage(ledger.report())
 
     def bye(self) -> None:
         """Stop the timer, flush the final figures, and say goodbye."""
         if self._timer is not None:
             self._timer.cancel()
-        self.flush()
+        self.flush(final=True)
         self._send({"kind": "bye"})
 
     def _header(self) -> LineHeader:

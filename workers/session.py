@@ -56,6 +56,7 @@ from socksd.config import hostport
 from socksd.revocation import Admitted, Grant
 from socksd.socks4 import Socks4ServerConnection
 from socksd.socks5 import Socks5ServerConnection, choose_method
+from socksd.usage import NO_USER
 from workers import admission, bind, egress, udp
 from workers.bind import BindWaiter
 from workers.context import WorkerContext
@@ -420,6 +421,11 @@ class Session:
             self._client_gone()
             return
         if not ok:
+            ctx = self._ctx
+            if ctx.ledger is not None:
+                # A name the config does not know gets no account (bounded memory).
+                known = self._user if self._user in ctx.config.auth.users else None
+                ctx.ledger.refused("auth_failed", self._ingress_ip, known)
             # RFC 1929: a non-zero status MUST be followed by closing the connection.
             self._handshake_failed("auth_failed", user=self._user)
             return
@@ -775,7 +781,11 @@ class Session:
         after it failed)."""
         self._stop_waiting()
         delivered = self._write(self._codec.send(CommandReply(reply)) if wire is None else wire)
-        self._ctx.counters.replied(reply)
+        ctx = self._ctx
+        ctx.counters.replied(reply)
+        if ctx.ledger is not None:
+            user = NO_USER if self._user is None else self._user
+            ctx.ledger.refused(reason, self._ingress_ip, user)
         tunnel_closed(
             self.log,
             reason,

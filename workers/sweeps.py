@@ -1,7 +1,8 @@
 """The worker's timeouts, enforced by sweeps: one timer per kind, not one per connection.
 
-Owns: the handshake and connect deadlines of sessions, the idle cut of tunnels, and
-the idle end of UDP associations; how often each is checked.
+Owns: the handshake and connect deadlines of sessions, the idle cut of tunnels, the
+idle end of UDP associations, and when a long tunnel's `tunnel_usage` record is due
+(`accounting.interval`); how often each is checked.
 Must not: close anything itself; it calls the member's own ending (`on_deadline()`,
 `close()`), which logs the connection's line.
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from typing import Any
 
-from socksd.config import Timeouts
+from socksd.config import Config
 from workers.loop import Loop
 from workers.relay import Relay
 from workers.session import Session
@@ -71,6 +72,15 @@ def _association_quiet(conn: object, cutoff: float) -> bool:
     return type(conn) is UdpAssociation and conn.quiet_since() <= cutoff
 
 
+def _usage_due(conn: object, now: float) -> bool:
+    meter = getattr(conn, "meter", None)  # a relay's or an association's; None: off
+    return meter is not None and meter.due <= now
+
+
+def _record_usage(conn: Relay | UdpAssociation) -> None:
+    conn.record_usage()
+
+
 def _cut_relay(relay: Relay) -> None:
     relay.close("idle_timeout", abortive=True)
 
@@ -84,25 +94,29 @@ def start(
     *,
     handshakes: Collection[Session],
     open_conns: Collection[object],
-    timeouts: Timeouts,
+    config: Config,
 ) -> tuple[Sweep, ...]:
-    """The worker's three sweeps: deadlines over `handshakes` (the sessions in their
-    handshake or connect, each with its own `deadline`); tunnel idle and UDP
-    association idle over `open_conns` (every open connection of the worker)."""
+    """The worker's four sweeps: deadlines over `handshakes` (the sessions in their
+    handshake or connect, each with its own `deadline`); tunnel idle, UDP association
+    idle and usage records over `open_conns` (every open connection of the worker)."""
     sweeps = (
         Sweep(loop, handshakes, _deadline_passed, Session.on_deadline),
         Sweep(loop, open_conns, _relay_quiet, _cut_relay),
         Sweep(loop, open_conns, _association_quiet, _end_association),
+        Sweep(loop, open_conns, _usage_due, _record_usage),
     )
-    retime(sweeps, timeouts)
+    retime(sweeps, config)
     for sweep in sweeps:
         sweep.start()
     return sweeps
 
 
-def retime(sweeps: tuple[Sweep, ...], timeouts: Timeouts) -> None:
-    """Give the three sweeps of `start()` their timeouts (a reload's, too)."""
-    deadlines, idle, udp_idle = sweeps
+def retime(sweeps: tuple[Sweep, ...], config: Config) -> None:
+    """Give the sweeps of `start()` their timeouts (a reload's, too)."""
+    deadlines, idle, udp_idle, usage = sweeps
+    timeouts = config.timeouts
     deadlines.retime((timeouts.handshake, timeouts.connect), 0.0)
     idle.retime((timeouts.idle,), timeouts.idle)
     udp_idle.retime((timeouts.udp_idle,), timeouts.udp_idle)
+    # A record is up to one interval of this sweep late: min(1 s, accounting.interval / 4).
+    usage.retime((config.accounting.interval,), 0.0)

@@ -24,8 +24,9 @@ from socksd.config import hostport
 from socksd.handlers import ReadOnlyHandler
 from socksd.revocation import Admitted, Grant, handed_over
 from socksd.socks5_udp import encode_udp_header, parse_udp_datagram
+from workers.accounting import Meter, Moved
 from workers.context import WorkerContext
-from workers.events import Refused, errno_name, tunnel_closed
+from workers.events import Refused, errno_name, tunnel_closed, tunnel_usage
 from workers.limits import Claim
 from workers.loop import EVENT_READ
 from workers.pressure import IpCounters
@@ -145,6 +146,10 @@ class UdpAssociation:
         else:
             self._loop.register(control, EVENT_READ, handler)
         self._loop.register(relay, EVENT_READ, _Handler(self, "client", relay))
+        ledger = ctx.ledger
+        self.meter: Meter | None = (
+            None if ledger is None else ledger.open(admitted[3], ingress_ip, self._loop.now, True)
+        )
         ctx.open.add(self)
         ctx.counters.open_tunnels += 1
 
@@ -333,6 +338,23 @@ class UdpAssociation:
         counters = self._ctx.counters.udp_dropped
         counters[reason] = counters.get(reason, 0) + 1
 
+    def moved(self) -> Moved:
+        """Payload bytes and datagrams relayed so far: (bytes up, down, datagrams up, down)."""
+        return self.bytes_up, self.bytes_down, self.up, self.down
+
+    def record_usage(self) -> None:
+        """A due `tunnel_usage` line (the accounting sweep calls it)."""
+        assert self.meter is not None and self._ctx.ledger is not None
+        now = self._loop.now
+        tunnel_usage(
+            self._log, self._started, now, self._ctx.ledger.record(self.meter, self.moved(), now)
+        )
+
+    def describe(self) -> tuple[Any, str, float, int, int]:
+        """For `socksd tunnels`: the bound logger, the kind, the loop time it started,
+        the bytes each way."""
+        return self._log, "udp", self._started, self.bytes_up, self.bytes_down
+
     def granted(self) -> Grant:
         return handed_over(self._admitted)
 
@@ -370,6 +392,9 @@ class UdpAssociation:
         if self._claim is not None:
             self._claim.release()
             self._claim = None
+        unreported = None
+        if self.meter is not None and ctx.ledger is not None:
+            unreported = ctx.ledger.close(self.meter, self.moved())
         tunnel_closed(
             self._log,
             reason,
@@ -377,6 +402,7 @@ class UdpAssociation:
             loop.now,
             self.bytes_up,
             self.bytes_down,
+            unreported=unreported,
             datagrams_up=self.up,
             datagrams_down=self.down,
             dropped=self.dropped,
