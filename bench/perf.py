@@ -6,6 +6,10 @@
         [--paths auth-name,auth-ip,noauth-name,noauth-ip|all] [--tunnels N]
         [--target-name NAME] [--password PASS]
 
+    A/B of the per-customer accounting (on, the default, against off):
+    python bench/perf.py --workers 1 --paths auth-name,noauth-ip --only rate \
+        --baselines microsocks --accounting-off --namespaces per-column --runs 10
+
     A/B of two revisions' tunnel rate (a few minutes: 10 rounds of 20,000 tunnels each):
     python bench/perf.py --workers 1 --against REV --only rate --baselines none \
         --namespaces per-column --runs 10
@@ -383,10 +387,13 @@ def plan_cpus(workers: tuple[int, ...]) -> tuple[str | None, dict[int, str | Non
     return load, proxy, notes
 
 
-def socksd_config(tmp: Path, name: str, workers: int, user_hash: str | None = None) -> Path:
+def socksd_config(
+    tmp: Path, name: str, workers: int, user_hash: str | None = None, extra: str = ""
+) -> Path:
     """Write the config every socksd column runs with; `name` keeps its files apart.
 
-    With `user_hash`, RFC 1929 is mandatory and USER is the one user, as for customers.
+    With `user_hash`, RFC 1929 is mandatory and USER is the one user, as for customers;
+    `extra`: TOML tables added (a column that differs in one setting).
     """
     config = tmp / f"socksd-{name}.toml"
     auth = (
@@ -396,7 +403,7 @@ def socksd_config(tmp: Path, name: str, workers: int, user_hash: str | None = No
     )
     config.write_text(
         f'listen = ["{HOST}:{PROXY_PORT}"]\nworkers = {workers}\n\n[log]\nlevel = "info"\n\n'
-        f'[control]\nsocket = "{tmp}/control-{name}.sock"\n\n{auth}'
+        f'[control]\nsocket = "{tmp}/control-{name}.sock"\n\n{auth}{extra}'
         # The targets live on loopback (in the bench's namespace): opt in to them.
         # The rule check stays on the measured path.
         '[[access.destinations]]\naction = "allow"\nto = ["127.0.0.0/8"]\n'
@@ -437,6 +444,7 @@ def make_columns(
     splice_relay: bool = False,
     against: tuple[Revision, ...] = (),
     baselines: tuple[str, ...] = BASELINES,
+    accounting_off: bool = False,
 ) -> tuple[list[Column], list[str]]:
     """Every column of every path in --paths, path by path (the order of a round).
 
@@ -460,7 +468,17 @@ def make_columns(
     for key in settings.paths:
         path = PATHS[key]
         cols = _path_columns(
-            settings, tmp, python, proxy_cpus, path, hashed, floor, splice_relay, against, baselines
+            settings,
+            tmp,
+            python,
+            proxy_cpus,
+            path,
+            hashed,
+            floor,
+            splice_relay,
+            against,
+            baselines,
+            accounting_off,
         )
         if key == DEFAULT_PATH:
             columns += cols
@@ -493,6 +511,7 @@ def _path_columns(
     splice_relay: bool,
     against: tuple[Revision, ...],
     baselines: tuple[str, ...],
+    accounting_off: bool,
 ) -> list[Column]:
     """The proxies that can take `path`, each set up for it (a user when it authenticates)."""
     columns = []
@@ -509,6 +528,13 @@ def _path_columns(
         argv = (python, "-m", "socksd", "--config", str(config))
         key = f"socksd@{rev.name}"
         columns.append(Column(key, key, argv, proxy_cpus[first], udp=True, src=rev.src))
+    if accounting_off:  # the same code and settings, per-customer accounting off
+        off = "[accounting]\nenabled = false\n"
+        config = socksd_config(tmp, f"noacct-{path.key}", first, user, off)
+        argv = (python, "-m", "socksd", "--config", str(config))
+        columns.append(
+            Column("socksd-noacct", "socksd acct off", argv, proxy_cpus[first], udp=True)
+        )
     microsocks = shutil.which("microsocks")
     if microsocks and "microsocks" in baselines:
         argv = (microsocks, "-i", HOST, "-p", str(PROXY_PORT))
@@ -1404,6 +1430,12 @@ def parse_args() -> tuple[argparse.Namespace, Settings]:
         help="password the clients send on the user/password paths (default: the configured "
         "one; another one is a check that failures show)",
     )
+    ap.add_argument(
+        "--accounting-off",
+        action="store_true",
+        help="add socksd with [accounting] enabled = false (same code and settings as the "
+        "first --workers column): the A/B of the per-customer accounting's cost",
+    )
     ap.add_argument("--keep-logs", action="store_true", help="keep the temp dir and its logs")
     args = ap.parse_args()
     quick = args.quick
@@ -1582,6 +1614,7 @@ def main() -> int:
             args.splice_relay,
             against,
             args.baselines,
+            args.accounting_off,
         )
         notes += pin_notes + skip_notes
         if against and settings.namespaces == "shared":
