@@ -18,7 +18,7 @@ from dataclasses import fields, replace
 from socksd.config import Config
 
 # Settings that keep their running value until a restart, and why:
-#   accounting.enabled every open tunnel keeps the meter (or none) it opened with
+#   accounting.enabled each worker makes its books (or none) at start
 #   control.socket    the supervisor's own socket; `socksd reload` is talking to it
 #   metrics.listen    the supervisor's own listener
 #   relay.splice      each worker's pipe pool, lent out to live tunnels

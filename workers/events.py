@@ -52,9 +52,10 @@ def tunnel_closed(
     """The one line of a connection that got past its request, however it ended.
 
     `started`/`now` are loop times; a refused request has `reply` != 0 and no bytes.
-    `unreported`: of the tunnel's (up, down) bytes, those no `tunnel_usage` line gave
-    (`unreported_up` / `unreported_down`; absent when accounting is off): summed with
-    the `tunnel_usage` lines' bytes, a user's traffic over any window, exactly.
+    `unreported`: of a tunnel that had `tunnel_usage` lines, the (up, down) bytes none
+    of them gave (`unreported_up` / `unreported_down`); None (the fields absent): it
+    had none, all its bytes are unreported. Summed with the `tunnel_usage` lines'
+    bytes, a user's traffic over any window, exactly.
     """
     duration_ms = round((now - started) * 1000, 1)
     if not fields and unreported is None:

@@ -61,7 +61,7 @@ def _context(
         ),
         limits=Limits(config=config, log=log, counters=counters),
         counters=counters,
-        # accounting.enabled needs a restart: a tunnel keeps the meter it opened with.
+        # accounting.enabled needs a restart: the books are made here, once.
         ledger=Ledger(config.accounting.interval) if config.accounting.enabled else None,
     )
     # The bound addresses, not the configured ones: port 0 means "any".
@@ -105,7 +105,7 @@ class Worker:
         self.resolver = ctx.resolver
         self.pressure = ctx.pressure
         self.sweeps = sweeps.start(
-            loop, handshakes=ctx.handshakes, open_conns=ctx.open, config=config
+            loop, handshakes=ctx.handshakes, open_conns=ctx.open, config=config, ledger=ctx.ledger
         )
         self.reporter = Reporter(
             loop=loop,

@@ -25,7 +25,7 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from socksd.revocation import Admitted, Grant, handed_over
-from workers.accounting import Meter, Moved
+from workers.accounting import Moved, Recorded
 from workers.egress import abort
 from workers.events import errno_name, tunnel_closed, tunnel_usage
 from workers.limits import Claim
@@ -133,16 +133,17 @@ class Relay:
         "client",
         "upstream",
         "_log",
-        "_started",
         "_last",
         "closed",
         "_reply_len",
         "_lease",
         "_target_closed_first",
         "_claim",
-        "_admitted",
-        "meter",
+        "admitted",
+        "started",
+        "recorded",
     )
+    udp = False  # a TCP tunnel (the books count bytes and associations apart)
 
     def __init__(
         self,
@@ -164,13 +165,14 @@ class Relay:
         none), the bytes owed to each, the tunnel's bound logger and what it was
         admitted on (re-checked by a reload)."""
         self._ctx = ctx
-        self._admitted = admitted
+        self.admitted = admitted
+        self.recorded: Recorded | None = None  # its last tunnel_usage record
         loop = self._loop = ctx.loop
         self._view = ctx.buffer
         self._size = len(ctx.buffer)
         self._pipes = ctx.pipes  # None: splice off
         self._log = log
-        self._started = started
+        self.started = started
         self._last = loop.now
         self._lease = lease
         self._claim = claim
@@ -183,11 +185,6 @@ class Relay:
         u = self.upstream = _Side(upstream, upstream.fileno(), self, upstream_mask)
         c.peer = u
         u.peer = c
-        ledger = ctx.ledger
-        # This tunnel's place in its user's and ingress IP's books (None: accounting off).
-        self.meter: Meter | None = (
-            None if ledger is None else ledger.open(admitted[3], admitted[2], loop.now, False)
-        )
         # The session's and the connector's registrations: a dict update each.
         if client_mask:
             loop.hand_over(client_fd, c)
@@ -356,21 +353,23 @@ class Relay:
 
     def record_usage(self) -> None:
         """A due `tunnel_usage` line (the accounting sweep calls it)."""
-        assert self.meter is not None and self._ctx.ledger is not None
+        ledger = self._ctx.ledger
+        assert ledger is not None
         now = self._loop.now
-        tunnel_usage(
-            self._log, self._started, now, self._ctx.ledger.record(self.meter, self.moved(), now)
+        fields, self.recorded = ledger.record(
+            self.moved(), self.recorded, now - self.started, False
         )
+        tunnel_usage(self._log, self.started, now, fields)
 
     def describe(self) -> tuple[Any, str, float, int, int]:
         """For `socksd tunnels`: the bound logger (its context: conn_id, client, user,
         target, egress, ...), the kind, the loop time it started, the bytes each way."""
         moved = self.moved()
-        return self._log, "tcp", self._started, moved[0], moved[1]
+        return self._log, "tcp", self.started, moved[0], moved[1]
 
     def granted(self) -> Grant:
         """What the tunnel was admitted on (a reload re-checks it)."""
-        return handed_over(self._admitted)
+        return handed_over(self.admitted)
 
     def revoke(self, by: str) -> None:
         """A reload's new config refuses this tunnel: reset both sides now (the client
@@ -414,11 +413,11 @@ class Relay:
         counters.tunnels_closed += 1
         counters.bytes_up += bytes_up
         counters.bytes_down += bytes_down
-        meter = self.meter
+        ledger = ctx.ledger
         unreported = None
-        if meter is not None and ctx.ledger is not None:
-            unreported = ctx.ledger.close(meter, moved)
-        tunnel_closed(self._log, reason, self._started, now, bytes_up, bytes_down, 0, unreported)
+        if ledger is not None:
+            unreported = ledger.closed(self.admitted, False, moved, self.recorded)
+        tunnel_closed(self._log, reason, self.started, now, bytes_up, bytes_down, 0, unreported)
         ctx.open.discard(self)
         # Break the relay <-> side cycles: freed by refcounting now, not left to the
         # cyclic GC (whose young collections cost ~3 % of a busy worker's CPU).

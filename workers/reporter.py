@@ -117,10 +117,10 @@ class Reporter:
         for line in encode_report(self._header(), self._counters, egress, len(self._open)):
             self._write(line)
         ledger, sink = self._ledger, self.usage_sink
-        if ledger is not None and sink is not None:
-            ledger.fold(self._open)
-            if ledger.changed and (final or sink.idle):
-                sink.send_usage(ledger.report())
+        if ledger is not None and sink is not None and (final or sink.idle):
+            report = ledger.report(self._open)
+            if report["users"] or report["ingress"]:
+                sink.send_usage(report)
 
     def bye(self) -> None:
         """Stop the timer, flush the final figures, and say goodbye."""

@@ -17,6 +17,7 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 from socksd.config import Config
+from workers.accounting import Ledger
 from workers.loop import Loop
 from workers.relay import Relay
 from workers.session import Session
@@ -72,13 +73,19 @@ def _association_quiet(conn: object, cutoff: float) -> bool:
     return type(conn) is UdpAssociation and conn.quiet_since() <= cutoff
 
 
-def _usage_due(conn: object, now: float) -> bool:
-    meter = getattr(conn, "meter", None)  # a relay's or an association's; None: off
-    return meter is not None and meter.due <= now
+def _never(conn: object, now: float) -> bool:
+    return False
 
 
 def _record_usage(conn: Relay | UdpAssociation) -> None:
     conn.record_usage()
+
+
+def _usage_due(ledger: Ledger) -> Callable[[Any, float], bool]:
+    def due(conn: Any, now: float) -> bool:
+        return type(conn) is not Session and ledger.is_due(conn, now)
+
+    return due
 
 
 def _cut_relay(relay: Relay) -> None:
@@ -95,6 +102,7 @@ def start(
     handshakes: Collection[Session],
     open_conns: Collection[object],
     config: Config,
+    ledger: Ledger | None,
 ) -> tuple[Sweep, ...]:
     """The worker's four sweeps: deadlines over `handshakes` (the sessions in their
     handshake or connect, each with its own `deadline`); tunnel idle, UDP association
@@ -103,7 +111,7 @@ def start(
         Sweep(loop, handshakes, _deadline_passed, Session.on_deadline),
         Sweep(loop, open_conns, _relay_quiet, _cut_relay),
         Sweep(loop, open_conns, _association_quiet, _end_association),
-        Sweep(loop, open_conns, _usage_due, _record_usage),
+        Sweep(loop, open_conns, _never if ledger is None else _usage_due(ledger), _record_usage),
     )
     retime(sweeps, config)
     for sweep in sweeps:

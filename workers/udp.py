@@ -24,7 +24,7 @@ from socksd.config import hostport
 from socksd.handlers import ReadOnlyHandler
 from socksd.revocation import Admitted, Grant, handed_over
 from socksd.socks5_udp import encode_udp_header, parse_udp_datagram
-from workers.accounting import Meter, Moved
+from workers.accounting import Moved, Recorded
 from workers.context import WorkerContext
 from workers.events import Refused, errno_name, tunnel_closed, tunnel_usage
 from workers.limits import Claim
@@ -87,6 +87,8 @@ class _Handler(ReadOnlyHandler):
 class UdpAssociation:
     """The relay of one UDP ASSOCIATE request."""
 
+    udp = True  # the books count its bytes and datagrams apart from TCP's
+
     def __init__(
         self,
         ctx: WorkerContext,
@@ -104,10 +106,11 @@ class UdpAssociation:
         admitted: Admitted,
     ) -> None:
         self._ctx = ctx
-        self._admitted = admitted  # what a reload re-checks
+        self.admitted = admitted  # what a reload re-checks (and the books read)
+        self.recorded: Recorded | None = None  # its last tunnel_usage record
         self._loop = ctx.loop
         self._log = log
-        self._started = started
+        self.started = started
         self._ingress_ip = ingress_ip
         self.user_rules = user_rules  # the user's destination rules (a reload renews them)
         self._claim = claim
@@ -146,10 +149,6 @@ class UdpAssociation:
         else:
             self._loop.register(control, EVENT_READ, handler)
         self._loop.register(relay, EVENT_READ, _Handler(self, "client", relay))
-        ledger = ctx.ledger
-        self.meter: Meter | None = (
-            None if ledger is None else ledger.open(admitted[3], ingress_ip, self._loop.now, True)
-        )
         ctx.open.add(self)
         ctx.counters.open_tunnels += 1
 
@@ -344,19 +343,19 @@ class UdpAssociation:
 
     def record_usage(self) -> None:
         """A due `tunnel_usage` line (the accounting sweep calls it)."""
-        assert self.meter is not None and self._ctx.ledger is not None
+        ledger = self._ctx.ledger
+        assert ledger is not None
         now = self._loop.now
-        tunnel_usage(
-            self._log, self._started, now, self._ctx.ledger.record(self.meter, self.moved(), now)
-        )
+        fields, self.recorded = ledger.record(self.moved(), self.recorded, now - self.started, True)
+        tunnel_usage(self._log, self.started, now, fields)
 
     def describe(self) -> tuple[Any, str, float, int, int]:
         """For `socksd tunnels`: the bound logger, the kind, the loop time it started,
         the bytes each way."""
-        return self._log, "udp", self._started, self.bytes_up, self.bytes_down
+        return self._log, "udp", self.started, self.bytes_up, self.bytes_down
 
     def granted(self) -> Grant:
-        return handed_over(self._admitted)
+        return handed_over(self.admitted)
 
     def revoke(self, by: str) -> None:
         """A reload's new config refuses this association: end it now."""
@@ -393,12 +392,12 @@ class UdpAssociation:
             self._claim.release()
             self._claim = None
         unreported = None
-        if self.meter is not None and ctx.ledger is not None:
-            unreported = ctx.ledger.close(self.meter, self.moved())
+        if ctx.ledger is not None:
+            unreported = ctx.ledger.closed(self.admitted, True, self.moved(), self.recorded)
         tunnel_closed(
             self._log,
             reason,
-            self._started,
+            self.started,
             loop.now,
             self.bytes_up,
             self.bytes_down,

@@ -9,52 +9,52 @@ from workers.accounting import Ledger
 
 
 class _Conn:
-    """Stands for a relay: a meter and the bytes it moved so far."""
+    """Stands for an open relay or association: what it was admitted on, when it
+    started, what it moved so far and its last record."""
 
-    def __init__(self, ledger: Ledger, user: str | None, ingress: str, udp: bool = False):
-        self.meter = ledger.open(user, ingress, 0.0, udp)
+    def __init__(self, user: str | None, ingress: str, udp: bool = False, started: float = 0.0):
+        self.admitted = ("socks5", "192.0.2.1", ingress, user, None, None)
+        self.udp = udp
+        self.started = started
+        self.recorded = None
         self.now = (0, 0, 0, 0)
 
     def moved(self) -> tuple[int, int, int, int]:
         return self.now
 
 
-def test_fold_then_close_gives_each_byte_once_to_the_user_and_the_ingress_ip():
+def test_a_report_is_the_closed_totals_plus_what_the_open_ones_moved():
     ledger = Ledger(interval=60.0)
-    a = _Conn(ledger, "alice", "10.0.0.1")
-    b = _Conn(ledger, None, "10.0.0.2", udp=True)
-    first = ledger.report()
-    assert first["users"]["alice"][:3] == [1, 0, 1] and first["users"][""][:3] == [0, 1, 1]
+    a = _Conn("alice", "10.0.0.1")
+    b = _Conn(None, "10.0.0.2", udp=True)
     a.now = (100, 2000, 0, 0)
     b.now = (30, 40, 3, 4)
-    ledger.fold([a, b, object()])  # a session (no meter) is skipped
-    ledger.fold([a, b])  # nothing moved since: counted once
-    rows = ledger.report()
-    assert rows["users"]["alice"][3:5] == [100, 2000]
-    assert rows["users"][""][5:9] == [3, 4, 30, 40]
+    rows = ledger.report([a, b, object()])  # a session (no `admitted`) is skipped
+    assert rows["users"]["alice"][:5] == [1, 0, 1, 100, 2000]
+    assert rows["users"][""][:9] == [0, 1, 1, 0, 0, 3, 4, 30, 40]
     assert rows["ingress"]["10.0.0.1"][3:5] == [100, 2000]
-    assert ledger.report() == {"users": {}, "ingress": {}}, "nothing changed since"
-    assert ledger.close(a.meter, (150, 2500, 0, 0)) == (150, 2500)  # no record yet
-    final = ledger.report()["users"]["alice"]
-    assert final[2:5] == [0, 150, 2500]
+    assert ledger.report([]) == {"users": {}, "ingress": {}}, "nothing open, nothing closed"
+    # a closes (no record: all its bytes are unreported, said by None), b stays open.
+    assert ledger.closed(a.admitted, False, (150, 2500, 0, 0), None) is None
+    rows = ledger.report([b])
+    assert rows["users"]["alice"][:5] == [1, 0, 0, 150, 2500]
+    assert rows["ingress"]["10.0.0.2"][:3] == [0, 1, 1]
 
 
-def test_records_give_the_bytes_since_the_previous_one_and_close_the_rest():
+def test_records_count_whole_intervals_and_close_gives_the_rest():
     ledger = Ledger(interval=1.0)
-    meter = ledger.open("alice", "10.0.0.1", 0.0, False)
-    assert meter.due == 1.0
-    assert ledger.record(meter, (10, 20, 0, 0), 1.1) == {
-        "record": 1,
-        "bytes_up": 10,
-        "bytes_down": 20,
-    }
-    assert meter.due == 2.0
-    assert ledger.record(meter, (15, 20, 0, 0), 2.0)["bytes_up"] == 5
-    assert ledger.close(meter, (16, 27, 0, 0)) == (1, 7)
-    # A record far behind (a loop stall) is not followed by a burst of catch-ups.
-    late = ledger.open("alice", "10.0.0.1", 0.0, True)
-    fields = ledger.record(late, (1, 2, 3, 4), 10.0)
-    assert fields["datagrams_up"] == 3 and late.due == 10.0
+    conn = _Conn("alice", "10.0.0.1", started=5.0)
+    assert not ledger.is_due(conn, 5.9)
+    assert ledger.is_due(conn, 6.0)
+    fields, conn.recorded = ledger.record((10, 20, 0, 0), None, 1.05, False)
+    assert fields == {"record": 1, "bytes_up": 10, "bytes_down": 20}
+    assert not ledger.is_due(conn, 6.9) and ledger.is_due(conn, 7.0)
+    fields, conn.recorded = ledger.record((15, 20, 0, 0), conn.recorded, 2.0, False)
+    assert fields["record"] == 2 and fields["bytes_up"] == 5
+    assert ledger.closed(conn.admitted, False, (16, 27, 0, 0), conn.recorded) == (1, 7)
+    # After a stall of the loop one record covers the intervals missed, numbered so.
+    fields, recorded = ledger.record((1, 2, 3, 4), None, 10.5, True)
+    assert fields["record"] == 10 and fields["datagrams_up"] == 3 and recorded[4] == 10
 
 
 def test_refusals_count_per_reason_and_unknown_users_get_no_account():
@@ -62,7 +62,7 @@ def test_refusals_count_per_reason_and_unknown_users_get_no_account():
     ledger.refused("destination_denied", "10.0.0.1", "alice")
     ledger.refused("destination_denied", "10.0.0.1", "alice")
     ledger.refused("auth_failed", "10.0.0.1", None)
-    rows = ledger.report()
+    rows = ledger.report([])
     assert rows["users"] == {"alice": [0] * 9 + [{"destination_denied": 2}]}
     assert rows["ingress"]["10.0.0.1"][9] == {"destination_denied": 2, "auth_failed": 1}
 
