@@ -19,8 +19,10 @@ from __future__ import annotations
 import array
 import os
 import pickle
+import select
 import socket
 import struct
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -105,17 +107,25 @@ class Channel:
                 return
             self._out.popleft()
 
-    def flush_blocking(self, timeout: float) -> None:
-        """Send what is queued, each send waiting up to `timeout` seconds (a worker's
-        last frames at exit, when no loop runs any more); on a timeout the rest is
-        dropped."""
-        self.sock.settimeout(timeout)
-        try:
-            self.write()
-        except OSError:
-            pass  # the supervisor is gone, or too slow: nothing more can be done
-        finally:
-            self.sock.setblocking(False)
+    def flush_blocking(self, timeout: float) -> bool:
+        """Send what is queued, waiting up to `timeout` seconds in all for the peer to
+        take it (a worker's last frames at exit, when no loop runs any more).
+
+        Returns:
+            True when everything was sent; False: the peer is gone or too slow.
+        """
+        deadline = time.monotonic() + timeout
+        poller = select.poll()
+        poller.register(self.sock, select.POLLOUT)
+        while self._out:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                return False
+            try:
+                self.write()  # non-blocking: as much as the socket takes now
+            except OSError:
+                return False  # the supervisor is gone
+        return True
 
     # -- receiving ----------------------------------------------------------------------
 

@@ -150,6 +150,10 @@ def _kick(argv: list[str]) -> int:
     }
     outcome = _ask("kick", fields, _socket(args))
     print(f"kicked {outcome['count']} tunnel(s)")
+    if args.conn and not outcome["count"]:
+        # pid:conn_id names a tunnel while that worker lives: it ended, or the worker did.
+        print(f"socksd kick: no open tunnel {args.conn}", file=sys.stderr)
+        return 1
     return _unanswered(outcome)
 
 

@@ -744,6 +744,9 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     accounting = AccountingConfig(
         enabled=at.flag("enabled", True), interval=at.number("interval", 60.0)
     )
+    if accounting.interval < 0.5:
+        # The record sweep runs every interval / 4 over every open connection.
+        raise ConfigError(f"accounting.interval: must be >= 0.5 s, got {accounting.interval}")
     at.done()
 
     access_config = _parse_access(root.table("access"), auth, file_rules)

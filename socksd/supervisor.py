@@ -345,7 +345,8 @@ class Supervisor:
             # removed since would keep working there): drain it; its slot respawns.
             self.log.error("channel_broken", worker=proc.view.slot, error=str(exc))
             self._close_link(proc)
-            if proc.term_at is None and self.stopping is None:
+            # Not a reaped one: its pid may be another process's by now.
+            if proc.term_at is None and self.stopping is None and proc.view.pid in self.procs:
                 self._drain(proc)
             return
         if frames is None:  # EOF: the worker is exiting (or gone); the reaper sees it
@@ -385,6 +386,16 @@ class Supervisor:
         link, proc.link = proc.link, None
         if link is None:
             return
+        if not link.eof:
+            # A write to an exiting worker failed: its last usage report may already
+            # be in our receive buffer. Take it before closing.
+            try:
+                frames = link.read() or []
+            except ChannelError:
+                frames = []
+            for frame in frames:
+                if frame.kind == USAGE:
+                    self.usage.feed(proc.view.pid, frame.body)
         self.sel.unregister(link.fileno())
         link.close()
         self._forget_answers(proc)

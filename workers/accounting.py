@@ -28,8 +28,9 @@ from typing import Any
 from socksd.usage import FIELDS, NO_USER, Report
 
 Moved = tuple[int, int, int, int]  # bytes up, bytes down, datagrams up, datagrams down
-# A connection's last `tunnel_usage` record: what it had moved then, and its number.
-Recorded = tuple[int, int, int, int, int]
+# A connection's last `tunnel_usage` record: what it had moved then, its number, and
+# the loop time it was due.
+Recorded = tuple[int, int, int, int, int, float]
 # What a connection was admitted on (socksd.revocation.Admitted): [2] ingress, [3] user.
 _INGRESS, _USER = 2, 3
 
@@ -98,10 +99,11 @@ class Ledger:
 
     def closed(
         self, admitted: tuple[Any, ...], udp: bool, moved: Moved, recorded: Recorded | None
-    ) -> tuple[int, int] | None:
+    ) -> tuple[int, ...] | None:
         """A tunnel (`udp`: an association) admitted on `admitted` closed having moved
-        `moved`. Returns the bytes (up, down) its `tunnel_usage` lines did not report,
-        or None when it had none (then its totals are all unreported)."""
+        `moved`. Returns what its `tunnel_usage` lines did not report: bytes (up,
+        down), and for an association datagrams (up, down) too; None when it had none
+        (then its totals are all unreported)."""
         user = admitted[_USER]
         u = self.users.get(NO_USER if user is None else user) or self._account(
             self.users, NO_USER if user is None else user
@@ -125,8 +127,15 @@ class Ledger:
         dirty = self._dirty
         dirty.add(u)
         dirty.add(i)
-        if recorded is None:
+        if recorded is None or recorded[4] == 0:
             return None
+        if udp:
+            return (
+                up - recorded[0],
+                down - recorded[1],
+                moved[2] - recorded[2],
+                moved[3] - recorded[3],
+            )
         return up - recorded[0], down - recorded[1]
 
     def refused(self, reason: str, ingress_ip: str, user: str | None) -> None:
@@ -144,26 +153,31 @@ class Ledger:
     # -- interim records -----------------------------------------------------------------
 
     def is_due(self, conn: Any, now: float) -> bool:
-        """`conn` (a relay or an association) owes a `tunnel_usage` record: another
-        whole interval passed since it started than its last record counted."""
+        """`conn` (a relay or an association) owes a `tunnel_usage` record: an interval
+        passed since its last one was due (since it started, for the first). A reload's
+        new interval applies from the next record on."""
         recorded = conn.recorded
-        done = 0 if recorded is None else recorded[4]
-        return bool((now - conn.started) // self.interval > done)
+        return bool(now - (conn.started if recorded is None else recorded[5]) >= self.interval)
 
     def record(
-        self, moved: Moved, recorded: Recorded | None, age: float, udp: bool
-    ) -> tuple[dict[str, int], Recorded]:
-        """A due `tunnel_usage` line's fields: `record`, the intervals its connection
-        has lived (1, 2, ...: after a stall of the loop one record covers several,
-        and its number says so), and what moved since the previous record; and the
-        connection's new `recorded`."""
-        rec = recorded or (0, 0, 0, 0, 0)
-        n = int(age // self.interval)
+        self, moved: Moved, recorded: Recorded | None, started: float, now: float, udp: bool
+    ) -> tuple[dict[str, int] | None, Recorded]:
+        """A due record: the fields of its `tunnel_usage` line (`record`: 1, 2, ...;
+        what moved since the previous one), None when nothing moved (an idle tunnel
+        logs no empty lines), and the connection's new `recorded`. After a stall of
+        the loop one record covers the intervals missed (no burst of catch-up lines)."""
+        rec = recorded or (0, 0, 0, 0, 0, started)
+        due = rec[5] + self.interval
+        if now - due >= self.interval:
+            due = now  # the loop stalled: start counting again from now
+        if moved == rec[:4]:
+            return None, (*moved, rec[4], due)
+        n = rec[4] + 1
         fields = {"record": n, "bytes_up": moved[0] - rec[0], "bytes_down": moved[1] - rec[1]}
         if udp:
             fields["datagrams_up"] = moved[2] - rec[2]
             fields["datagrams_down"] = moved[3] - rec[3]
-        return fields, (moved[0], moved[1], moved[2], moved[3], n)
+        return fields, (moved[0], moved[1], moved[2], moved[3], n, due)
 
     # -- reports ------------------------------------------------------------------------
 

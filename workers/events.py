@@ -46,7 +46,7 @@ def tunnel_closed(
     bytes_up: int = 0,
     bytes_down: int = 0,
     reply: int = 0,
-    unreported: tuple[int, int] | None = None,
+    unreported: tuple[int, ...] | None = None,
     **fields: Any,
 ) -> None:
     """The one line of a connection that got past its request, however it ended.

@@ -356,10 +356,9 @@ class Relay:
         ledger = self._ctx.ledger
         assert ledger is not None
         now = self._loop.now
-        fields, self.recorded = ledger.record(
-            self.moved(), self.recorded, now - self.started, False
-        )
-        tunnel_usage(self._log, self.started, now, fields)
+        fields, self.recorded = ledger.record(self.moved(), self.recorded, self.started, now, False)
+        if fields is not None:
+            tunnel_usage(self._log, self.started, now, fields)
 
     def describe(self) -> tuple[Any, str, float, int, int]:
         """For `socksd tunnels`: the bound logger (its context: conn_id, client, user,

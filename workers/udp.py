@@ -346,8 +346,9 @@ class UdpAssociation:
         ledger = self._ctx.ledger
         assert ledger is not None
         now = self._loop.now
-        fields, self.recorded = ledger.record(self.moved(), self.recorded, now - self.started, True)
-        tunnel_usage(self._log, self.started, now, fields)
+        fields, self.recorded = ledger.record(self.moved(), self.recorded, self.started, now, True)
+        if fields is not None:
+            tunnel_usage(self._log, self.started, now, fields)
 
     def describe(self) -> tuple[Any, str, float, int, int]:
         """For `socksd tunnels`: the bound logger, the kind, the loop time it started,
@@ -391,9 +392,12 @@ class UdpAssociation:
         if self._claim is not None:
             self._claim.release()
             self._claim = None
-        unreported = None
+        unreported = extra = None
         if ctx.ledger is not None:
-            unreported = ctx.ledger.closed(self.admitted, True, self.moved(), self.recorded)
+            rest = ctx.ledger.closed(self.admitted, True, self.moved(), self.recorded)
+            if rest is not None:
+                unreported = rest[0], rest[1]
+                extra = {"unreported_datagrams_up": rest[2], "unreported_datagrams_down": rest[3]}
         tunnel_closed(
             self._log,
             reason,
@@ -405,4 +409,5 @@ class UdpAssociation:
             datagrams_up=self.up,
             datagrams_down=self.down,
             dropped=self.dropped,
+            **(extra or {}),
         )

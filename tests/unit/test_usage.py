@@ -41,20 +41,36 @@ def test_a_report_is_the_closed_totals_plus_what_the_open_ones_moved():
     assert rows["ingress"]["10.0.0.2"][:3] == [0, 1, 1]
 
 
-def test_records_count_whole_intervals_and_close_gives_the_rest():
+def test_records_follow_the_interval_skip_idle_ones_and_close_gives_the_rest():
     ledger = Ledger(interval=1.0)
     conn = _Conn("alice", "10.0.0.1", started=5.0)
-    assert not ledger.is_due(conn, 5.9)
-    assert ledger.is_due(conn, 6.0)
-    fields, conn.recorded = ledger.record((10, 20, 0, 0), None, 1.05, False)
+    assert not ledger.is_due(conn, 5.9) and ledger.is_due(conn, 6.0)
+    fields, conn.recorded = ledger.record((10, 20, 0, 0), None, 5.0, 6.1, False)
     assert fields == {"record": 1, "bytes_up": 10, "bytes_down": 20}
     assert not ledger.is_due(conn, 6.9) and ledger.is_due(conn, 7.0)
-    fields, conn.recorded = ledger.record((15, 20, 0, 0), conn.recorded, 2.0, False)
-    assert fields["record"] == 2 and fields["bytes_up"] == 5
+    # An interval in which nothing moved: no line, the next one is due an interval on.
+    fields, conn.recorded = ledger.record((10, 20, 0, 0), conn.recorded, 5.0, 7.0, False)
+    assert fields is None and not ledger.is_due(conn, 7.9) and ledger.is_due(conn, 8.0)
+    fields, conn.recorded = ledger.record((15, 20, 0, 0), conn.recorded, 5.0, 8.0, False)
+    assert fields == {"record": 2, "bytes_up": 5, "bytes_down": 0}
     assert ledger.closed(conn.admitted, False, (16, 27, 0, 0), conn.recorded) == (1, 7)
-    # After a stall of the loop one record covers the intervals missed, numbered so.
-    fields, recorded = ledger.record((1, 2, 3, 4), None, 10.5, True)
-    assert fields["record"] == 10 and fields["datagrams_up"] == 3 and recorded[4] == 10
+    # A reload's longer interval applies from the next record on.
+    ledger.interval = 10.0
+    assert not ledger.is_due(conn, 17.9) and ledger.is_due(conn, 18.0)
+    # After a stall of the loop, one record covers the time missed; counting restarts.
+    fields, recorded = ledger.record((1, 2, 3, 4), None, 0.0, 95.0, True)
+    assert fields == {
+        "record": 1,
+        "bytes_up": 1,
+        "bytes_down": 2,
+        "datagrams_up": 3,
+        "datagrams_down": 4,
+    }
+    assert recorded[5] == 95.0
+    assert ledger.closed(conn.admitted, True, (5, 6, 7, 8), recorded) == (4, 4, 4, 4)
+    idle = _Conn("bob", "10.0.0.1")
+    _, idle.recorded = ledger.record((0, 0, 0, 0), None, 0.0, 10.0, False)
+    assert ledger.closed(idle.admitted, False, (3, 3, 0, 0), idle.recorded) is None
 
 
 def test_refusals_count_per_reason_and_unknown_users_get_no_account():
@@ -128,3 +144,52 @@ def test_tunnel_queries_are_checked_before_any_worker_is_asked():
     assert "unknown key" in _tunnel_query(b'{"name": "x"}')[1]
     assert "string" in _tunnel_query(b'{"user": 3}')[1]
     assert "JSON" in _tunnel_query(b"{")[1]
+
+
+def test_the_channel_flushes_a_frame_larger_than_the_socket_buffer_and_reads_it_at_eof():
+    import threading
+
+    from socksd.channel import USAGE, Channel
+
+    ours, theirs = Channel.pair()
+    worker, supervisor = Channel(ours), Channel(theirs)
+    body = {"users": {f"user{i}": [i] * 9 + [{}] for i in range(50_000)}, "ingress": {}}
+    worker.send(USAGE, body)
+    got: list = []
+
+    def read_slowly() -> None:
+        import select
+        import time
+
+        while True:
+            select.select([supervisor.sock], [], [], 5)
+            time.sleep(0.01)
+            frames = supervisor.read()
+            if frames is None:
+                return
+            got.extend(frames)
+
+    reader = threading.Thread(target=read_slowly)
+    reader.start()
+    assert worker.flush_blocking(10.0)
+    worker.close()  # the worker exits: the frame and the EOF arrive together
+    reader.join(10)
+    assert len(got) == 1 and got[0].kind == USAGE and got[0].body == body
+    supervisor.close()
+
+
+def test_the_accounting_settings_are_checked():
+    import pytest
+
+    from socksd.config import parse_config
+    from socksd.errors import ConfigError
+
+    base = {"listen": ["127.0.0.1:1080"]}
+    config = parse_config({**base, "accounting": {"interval": 5}}, "t")
+    assert config.accounting.interval == 5.0 and config.accounting.enabled
+    with pytest.raises(ConfigError, match=r"accounting\.interval: must be >= 0\.5"):
+        parse_config({**base, "accounting": {"interval": 0.01}}, "t")
+    with pytest.raises(ConfigError, match=r"metrics\.max_users: must be an integer"):
+        parse_config({**base, "metrics": {"max_users": -1}}, "t")
+    with pytest.raises(ConfigError, match=r"metrics\.per_user: must be true or false"):
+        parse_config({**base, "metrics": {"per_user": "yes"}}, "t")
