@@ -118,6 +118,15 @@ class StatsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UdpConfig:
+    """UDP ASSOCIATE behind NAT: the address a reply names, the relay's ports."""
+
+    # ingress IP -> the address BND.ADDR carries for associations on it (1:1 NAT).
+    advertise: Mapping[str, str] = field(default_factory=dict)
+    port_range: tuple[int, int] | None = None  # the relay socket's port; None: any
+
+
+@dataclass(frozen=True, slots=True)
 class AccountingConfig:
     """Per-customer usage: per user and per ingress IP, and interim records."""
 
@@ -203,6 +212,8 @@ class LimitsConfig:
     max_tunnels_per_worker: int = 0
     max_tunnels_per_client_ip: int = 0
     max_tunnels_per_user: int = 0
+    max_udp: int = 0  # open UDP associations, proxy-wide (a per-worker share)
+    max_udp_per_user: int = 0  # open UDP associations per user, per worker
     user_rate: float = 0.0
     user_burst: int = 0
     auth_failures: int = 5  # failed logins from one client IP before delays start
@@ -227,6 +238,7 @@ class Config:
     metrics_listen: ListenAddress | None = None
     metrics: MetricsConfig = MetricsConfig()
     accounting: AccountingConfig = AccountingConfig()
+    udp: UdpConfig = field(default_factory=UdpConfig)
     relay_splice: bool = True
     access: AccessConfig = field(default_factory=AccessConfig)
     limits: LimitsConfig = LimitsConfig()
@@ -243,6 +255,10 @@ class Config:
     def loopback_only(self) -> bool:
         """Every listen address is a loopback address."""
         return all(access.is_loopback(a.host) for a in self.listen)
+
+    def worker_udp_limit(self) -> int:
+        """Open UDP associations one worker may hold (0 = no limit): its share."""
+        return -(-self.limits.max_udp // self.worker_count) if self.limits.max_udp else 0
 
     def worker_tunnel_limit(self) -> int:
         """Open tunnels one worker may hold (0 = no limit)."""
@@ -549,6 +565,33 @@ def _parse_egress(t: _Table) -> EgressConfig:
     )
 
 
+def _parse_udp(t: _Table) -> UdpConfig:
+    advertise: dict[str, str] = {}
+    for at in _tables(t.get("advertise", []), t.key("advertise")):
+        raw = at.get("ingress")
+        version = 6 if isinstance(raw, str) and ":" in raw else 4
+        ingress = _parse_ip(raw, at.key("ingress"), version)
+        if ingress in advertise:
+            raise ConfigError(f"{at.key('ingress')}: {ingress} is advertised twice")
+        # The same family: a client reads BND.ADDR of the family it came in with.
+        advertise[ingress] = _parse_ip(at.get("address"), at.key("address"), version)
+        at.done()
+    raw_range = t.get("port_range")
+    port_range = None
+    if raw_range is not None:
+        ok = (
+            isinstance(raw_range, list)
+            and len(raw_range) == 2
+            and all(isinstance(p, int) and not isinstance(p, bool) for p in raw_range)
+            and 1 <= raw_range[0] <= raw_range[1] <= 65535
+        )
+        if not ok:
+            raise ConfigError(f"{t.key('port_range')}: must be [low, high] within 1..65535")
+        port_range = (raw_range[0], raw_range[1])
+    t.done()
+    return UdpConfig(advertise=advertise, port_range=port_range)
+
+
 def _count(t: _Table, name: str, default: int, hi: int = 1 << 30) -> int:
     value = t.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= hi:
@@ -649,6 +692,8 @@ def _parse_limits(t: _Table) -> LimitsConfig:
             t, "max_tunnels_per_client_ip", d.max_tunnels_per_client_ip
         ),
         max_tunnels_per_user=_count(t, "max_tunnels_per_user", d.max_tunnels_per_user),
+        max_udp=_count(t, "max_udp", d.max_udp),
+        max_udp_per_user=_count(t, "max_udp_per_user", d.max_udp_per_user),
         user_rate=_rate(t, "user_rate", d.user_rate),
         user_burst=_count(t, "user_burst", d.user_burst),
         auth_failures=_count(t, "auth_failures", d.auth_failures, hi=1000),
@@ -740,6 +785,8 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     )
     mt.done()
 
+    udp = _parse_udp(root.table("udp"))
+
     at = root.table("accounting")
     accounting = AccountingConfig(
         enabled=at.flag("enabled", True), interval=at.number("interval", 60.0)
@@ -769,6 +816,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         metrics_listen=metrics_listen,
         metrics=metrics,
         accounting=accounting,
+        udp=udp,
         relay_splice=splice,
         access=access_config,
         limits=limits,

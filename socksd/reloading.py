@@ -48,6 +48,7 @@ _SECTIONS = {
     "metrics_listen": "metrics",
     "metrics": "metrics",
     "accounting": "accounting",
+    "udp": "udp",
     "relay_splice": "relay",
     "access": "access",
     "limits": "limits",

@@ -1,6 +1,7 @@
 """A worker's concurrency and rate limits, and its failed-login back-off.
 
-Owns: open-tunnel counts per client IP and per user, the per-user token buckets, the
+Owns: open-tunnel counts per client IP and per user, open UDP associations (in all
+and per user: each holds a port), the per-user token buckets, the
 failed-login record per client IP, and the rate-limited `limit_reached` log event.
 Must not: touch sockets; the acceptor and the sessions ask, then act.
 
@@ -66,6 +67,21 @@ class Claim:
             limits._release(self)
 
 
+class UdpClaim:
+    """One UDP association's place in the association counts; `release()` once."""
+
+    __slots__ = ("_limits", "user")
+
+    def __init__(self, limits: Limits, user: str | None) -> None:
+        self._limits = limits
+        self.user = user
+
+    def release(self) -> None:
+        limits, self._limits = self._limits, None  # type: ignore[assignment]
+        if limits is not None:
+            limits._release_udp(self)
+
+
 class Limits:
     """Per-worker limit state. `enabled` is False when nothing is limited, so the hot
     path asks nothing."""
@@ -75,6 +91,8 @@ class Limits:
         self._per_user: dict[str, int] = {}
         self._buckets: dict[str, _Bucket] = {}
         self._failures: dict[str, _Failures] = {}
+        self._udp_open = 0
+        self._udp_per_user: dict[str, int] = {}
         self.log = log
         self._gates: dict[str, LogGate] = {}  # one per refusal reason: a fixed set
         self._counters = counters
@@ -88,6 +106,7 @@ class Limits:
         self._cfg = config.limits
         self._users = config.access.users
         self.max_tunnels = config.worker_tunnel_limit()
+        self.max_udp = config.worker_udp_limit()
         for user, bucket in list(self._buckets.items()):
             rate, burst = self._rate_of(self._users.get(user, _NO_USER))
             if not rate:
@@ -125,6 +144,29 @@ class Limits:
             self._per_user[user] = self._per_user.get(user, 0) + 1
         self._per_ip[client_ip] = self._per_ip.get(client_ip, 0) + 1
         return Claim(self, client_ip, user)
+
+    def claim_udp(self, user: str | None, now: float) -> UdpClaim | str:
+        """A UdpClaim for a new association, or the reason it is refused: this worker's
+        share of `limits.max_udp` is taken, or the user holds `max_udp_per_user`."""
+        if self.max_udp and self._udp_open >= self.max_udp:
+            return self.refuse("udp_limit", now, open=self._udp_open)
+        per_user = self._cfg.max_udp_per_user
+        if user is not None and per_user and self._udp_per_user.get(user, 0) >= per_user:
+            return self.refuse("user_udp_limit", now, user=user)
+        self._udp_open += 1
+        if user is not None:
+            self._udp_per_user[user] = self._udp_per_user.get(user, 0) + 1
+        return UdpClaim(self, user)
+
+    def _release_udp(self, claim: UdpClaim) -> None:
+        self._udp_open -= 1
+        user = claim.user
+        if user is not None:
+            left = self._udp_per_user.get(user, 0) - 1
+            if left > 0:
+                self._udp_per_user[user] = left
+            else:
+                self._udp_per_user.pop(user, None)
 
     def _rate_of(self, ua: UserAccess) -> tuple[float, int]:
         """A user's new tunnels per second (0: no limit) and burst: their own, else the

@@ -619,14 +619,27 @@ class Session:
         self._relay(peer, named, None, 0, named)
 
     def _start_udp(self, event: CommandRequest) -> None:
-        """Open the association's relay socket on the ingress IP and hand over."""
+        """Open the association's relay socket on the ingress IP and hand over. Its
+        reply names the address `udp.advertise` gives for the ingress IP (1:1 NAT), if
+        any, and the relay's port."""
+        ctx = self._ctx
+        udp_claim = ctx.limits.claim_udp(self._user, self._loop.now)
+        if isinstance(udp_claim, str):
+            self._reply_failure(Reply.NOT_ALLOWED, udp_claim)
+            return
         try:
-            relay = udp.open_relay_socket(self._ingress_ip)
+            relay = udp.open_relay_socket(self._ingress_ip, ctx.config.udp.port_range)
         except Refused as refused:
+            udp_claim.release()
             self._refuse(refused)
             return
-        ctx = self._ctx
-        to_client, mask, claim, log = self._hand_over(relay.getsockname(), "udp_relay")
+        host, port = relay.getsockname()[:2]
+        advertised = ctx.config.udp.advertise.get(self._ingress_ip)
+        field = "udp_relay"  # the reply names the relay socket itself ...
+        if advertised is not None:  # ... or, behind 1:1 NAT, the public address
+            self._learned({"udp_relay": hostport(host, port)})
+            host, field = advertised, "udp_advertised"
+        to_client, mask, claim, log = self._hand_over((host, port), field)
         admitted = self._admitted(None)
         announced = event.host if event.address_type is not _DOMAINNAME else ""
         assoc = udp.UdpAssociation(
@@ -642,6 +655,7 @@ class Session:
             user_rules=admission.user_rules(ctx, self._user),
             claim=claim,
             admitted=admitted,
+            udp_claim=udp_claim,
         )
         try:
             self.client.send(to_client)

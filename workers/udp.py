@@ -15,6 +15,8 @@ which the per-IP `udp_open` figure counts.
 
 from __future__ import annotations
 
+import errno
+import random
 import socket
 from typing import Any
 
@@ -27,7 +29,7 @@ from socksd.socks5_udp import encode_udp_header, parse_udp_datagram
 from workers.accounting import Moved, Recorded
 from workers.context import WorkerContext
 from workers.events import Refused, errno_name, tunnel_closed, tunnel_usage
-from workers.limits import Claim
+from workers.limits import Claim, UdpClaim
 from workers.loop import EVENT_READ
 from workers.pressure import IpCounters
 
@@ -35,14 +37,17 @@ BURST = 64  # datagrams read per readiness event and socket: one busy peer canno
 _RESOLVE_QUEUE = 16  # datagrams held per name while it is being resolved
 _NAME_CACHE = 256  # resolved names kept per association
 _MAX_PEERS = 4096  # targets per association that may answer
+_RANGE_TRIES = 64  # ports of udp.port_range tried for one association
 
 
-def open_relay_socket(ingress_ip: str) -> socket.socket:
-    """The association's relay socket: on the IP the client came in on, port from the
-    kernel (the reply's BND.ADDR:BND.PORT).
+def open_relay_socket(ingress_ip: str, port_range: tuple[int, int] | None) -> socket.socket:
+    """The association's relay socket: on the IP the client came in on, its port from
+    the kernel or, with `udp.port_range`, a free one in that range (the reply's
+    BND.PORT; a firewall opens just the range).
 
     Raises:
-        Refused: 0x01 when the socket cannot be made (EMFILE: a reply, no crash) or bound.
+        Refused: 0x01 when the socket cannot be made (EMFILE: a reply, no crash) or bound
+            (every port of the range tried is taken: `udp_port_range_full`).
     """
     try:
         relay = socket.socket(
@@ -53,13 +58,36 @@ def open_relay_socket(ingress_ip: str) -> socket.socket:
             Reply.GENERAL_FAILURE, "udp_socket_failed", errno=errno_name(exc.errno)
         ) from exc
     try:
-        relay.bind((ingress_ip, 0))
+        if port_range is None:
+            relay.bind((ingress_ip, 0))
+        else:
+            _bind_in_range(relay, ingress_ip, port_range)
     except OSError as exc:
         relay.close()
-        raise Refused(
-            Reply.GENERAL_FAILURE, "udp_bind_failed", errno=errno_name(exc.errno)
-        ) from exc
+        reason = "udp_port_range_full" if exc.errno == errno.EADDRINUSE else "udp_bind_failed"
+        raise Refused(Reply.GENERAL_FAILURE, reason, errno=errno_name(exc.errno)) from exc
     return relay
+
+
+def _bind_in_range(sock: socket.socket, ip: str, port_range: tuple[int, int]) -> None:
+    """Bind to a free port of `port_range`: from a random one on, at most _RANGE_TRIES
+    ports (bind() is a syscall each: a nearly full range is refused, not scanned).
+
+    Raises:
+        OSError: EADDRINUSE when every port tried is taken; another bind error as is.
+    """
+    low, high = port_range
+    size = high - low + 1
+    start = random.randrange(size)
+    for i in range(min(size, _RANGE_TRIES)):
+        try:
+            sock.bind((ip, low + (start + i) % size))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+        else:
+            return
+    raise OSError(errno.EADDRINUSE, "no free port in udp.port_range")
 
 
 class _Handler(ReadOnlyHandler):
@@ -104,6 +132,7 @@ class UdpAssociation:
         user_rules: tuple[access.Rule, ...],
         claim: Claim | None,
         admitted: Admitted,
+        udp_claim: UdpClaim | None = None,
     ) -> None:
         self._ctx = ctx
         self.admitted = admitted  # what a reload re-checks (and the books read)
@@ -114,6 +143,7 @@ class UdpAssociation:
         self._ingress_ip = ingress_ip
         self.user_rules = user_rules  # the user's destination rules (a reload renews them)
         self._claim = claim
+        self._udp_claim = udp_claim  # its place in the association counts (limits)
         self.control = control
         self.relay = relay
         # The worker's shared read buffer (64 KiB): a datagram is handled before the
@@ -392,6 +422,9 @@ class UdpAssociation:
         if self._claim is not None:
             self._claim.release()
             self._claim = None
+        if self._udp_claim is not None:
+            self._udp_claim.release()
+            self._udp_claim = None
         unreported = extra = None
         if ctx.ledger is not None:
             rest = ctx.ledger.closed(self.admitted, True, self.moved(), self.recorded)

@@ -125,3 +125,36 @@ def test_parse_listen_forms():
     assert parse_listen("127.0.0.1:0") == ListenAddress("127.0.0.1", 0)
     assert parse_listen("[::]:1080") == ListenAddress("::", 1080)
     assert parse_listen("[0:0::1]:5") == ListenAddress("::1", 5)
+
+
+def test_udp_behind_nat_settings():
+    base = {"listen": ["127.0.0.1:1080"]}
+    config = parse_config(
+        {
+            **base,
+            "udp": {
+                "advertise": [
+                    {"ingress": "10.0.0.5", "address": "203.0.113.5"},
+                    {"ingress": "fd00::5", "address": "2001:db8::5"},
+                ],
+                "port_range": [40000, 40999],
+            },
+            "limits": {"max_udp": 10, "max_udp_per_user": 2},
+            "workers": 4,
+        },
+        "t",
+    )
+    assert config.udp.advertise == {"10.0.0.5": "203.0.113.5", "fd00::5": "2001:db8::5"}
+    assert config.udp.port_range == (40000, 40999)
+    assert config.worker_udp_limit() == 3  # 10 over 4 workers, rounded up
+    bad = [
+        ({"advertise": [{"ingress": "10.0.0.5", "address": "2001:db8::5"}]}, "IPv4"),
+        ({"advertise": [{"ingress": "10.0.0.5", "address": "1.2.3.4"}] * 2}, "twice"),
+        ({"advertise": [{"ingress": "10.0.0.5"}]}, "address"),
+        ({"port_range": [5, 4]}, "port_range"),
+        ({"port_range": [0, 4]}, "port_range"),
+        ({"port": 1}, "udp.port: unknown key"),
+    ]
+    for udp, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            parse_config({**base, "udp": udp}, "t")
