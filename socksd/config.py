@@ -28,6 +28,7 @@ import rtoml
 from socksd import access
 from socksd.errors import ConfigError
 from socksd.passwords import check_hash
+from socksd.whitelist import ClientUsers
 
 _Numbers = TypeVar("_Numbers", "Timeouts", "StatsConfig")
 
@@ -38,6 +39,7 @@ workers = "auto"
 """
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+AUTH_METHODS = ("none", "password", "ip", "ip_or_password", "ip_and_password")
 
 
 def hostport(host: str, port: int) -> str:
@@ -75,7 +77,8 @@ class Timeouts:
 class AuthConfig:
     """RFC 1929 users; `method = "password"` makes them mandatory."""
 
-    method: Literal["none", "password"] = "none"
+    # "ip...": users known by their address (access.users.NAME.clients) too.
+    method: Literal["none", "password", "ip", "ip_or_password", "ip_and_password"] = "none"
     # name -> its scrypt hash, as text (checked by passwords.check_hash; parsed only
     # when a password is verified against it): 100,000 users pickle to a worker in
     # ~50 ms as text, ~0.5 s as objects.
@@ -187,6 +190,7 @@ class UserAccess:
     """What one RFC 1929 user may do, on top of the global rules and limits."""
 
     ingress: tuple[access.Net, ...] = ()  # IPs it may come in on (= leave from); () = any
+    clients: tuple[access.Net, ...] = ()  # addresses that are this user (auth.method "ip...")
     destinations: tuple[access.Rule, ...] = ()  # checked before access.destinations
     max_tunnels: int = 0  # concurrent, per worker share; 0 = limits.max_tunnels_per_user
     rate: float = 0.0  # new tunnels per second; 0 = limits.user_rate
@@ -362,8 +366,9 @@ def _parse_auth(t: _Table, base: Path) -> tuple[AuthConfig, dict[str, UserAccess
     """The auth section, with the users of `auth.users_file` (relative to `base`) merged
     in; also the per-user rules that file gives."""
     method = t.get("method", "none")
-    if method not in ("none", "password"):
-        raise ConfigError(f'{t.key("method")}: must be "none" or "password", got {method!r}')
+    if method not in AUTH_METHODS:
+        names = ", ".join(f'"{m}"' for m in AUTH_METHODS)
+        raise ConfigError(f"{t.key('method')}: must be one of {names}, got {method!r}")
     users_t = t.table("users")
     users: dict[str, str] = {}
     for name in list(users_t._data):
@@ -378,13 +383,13 @@ def _parse_auth(t: _Table, base: Path) -> tuple[AuthConfig, dict[str, UserAccess
     file_access: dict[str, UserAccess] = {}
     if users_file is not None:
         path = base / users_file
-        file_users, file_access = load_users_file(path)
+        file_users, file_access = load_users_file(path, passwords_optional="ip" in method)
         for name in file_users:
             if name in users:
                 raise ConfigError(f"auth.users.{name}: also in auth.users_file {str(path)!r}")
         users.update(file_users)
-    if method == "password" and not users:
-        raise ConfigError('auth.users: method is "password" but no user is configured')
+    if method in ("password", "ip_or_password", "ip_and_password") and not users:
+        raise ConfigError(f'auth.users: method is "{method}" but no user has a password')
     auth = AuthConfig(method=method, users=users, users_file=users_file, watch=watch)
     return auth, file_access
 
@@ -412,9 +417,12 @@ def _base_dir(source: str) -> Path:
     return Path(source).parent if not source.startswith("<") else Path.cwd()
 
 
-def load_users_file(path: Path) -> tuple[dict[str, str], dict[str, UserAccess]]:
+def load_users_file(
+    path: Path, passwords_optional: bool = False
+) -> tuple[dict[str, str], dict[str, UserAccess]]:
     """Users and their rules from a users file: `[users.NAME]` tables with `password`
-    (a `socksd passwd` hash) and the keys of `[access.users.NAME]`.
+    (a `socksd passwd` hash; optional with `passwords_optional`, for users known by
+    their `clients` addresses) and the keys of `[access.users.NAME]`.
 
     Raises:
         ConfigError: unreadable file, bad TOML, unknown key or bad value, named as
@@ -435,7 +443,9 @@ def load_users_file(path: Path) -> tuple[dict[str, str], dict[str, UserAccess]]:
                 users[name] = _user_hash(name, raw["password"], f"users.{name}.password")
                 continue
             one = users_t.table(name)
-            users[name] = _user_hash(name, one.get("password"), one.key("password"))
+            encoded = one.get("password")
+            if encoded is not None or not passwords_optional:
+                users[name] = _user_hash(name, encoded, one.key("password"))
             ua = _user_access(one)
             if ua != plain:
                 rules[name] = ua  # most users have none: no object kept for them
@@ -658,22 +668,51 @@ def _parse_access(
     users = dict(file_rules)
     for name in list(ut._data):
         ukey = ut.key(name)
-        if name not in auth.users:
-            raise ConfigError(f"{ukey}: no such user in auth.users")
         if name in file_rules:
             raise ConfigError(f"{ukey}: its rules are in auth.users_file")
-        users[name] = _user_access(ut.table(name))
+        users[name] = ua = _user_access(ut.table(name))
+        # A user known only by its addresses needs no password (auth.method "ip...").
+        if name not in auth.users and not (ua.clients and "ip" in auth.method):
+            raise ConfigError(f"{ukey}: no such user in auth.users")
     ut.done()
     t.done()
+    _check_clients(auth, users)
     return AccessConfig(open_proxy, clients, destinations, users)
+
+
+def _check_clients(auth: AuthConfig, users: Mapping[str, UserAccess]) -> None:
+    """The whitelists: disjoint, used by an "ip..." method, and (ip_and_password) only
+    for users who also have a password."""
+    known = {name: ua.clients for name, ua in users.items() if ua.clients}
+    try:
+        ClientUsers(known)
+    except ValueError as exc:
+        raise ConfigError(f"access.users: {exc}") from None
+    if known and "ip" not in auth.method:
+        name = next(iter(known))
+        raise ConfigError(
+            f'access.users.{name}.clients: needs auth.method "ip", "ip_or_password" or '
+            f'"ip_and_password", not "{auth.method}"'
+        )
+    if "ip" in auth.method and not known:
+        raise ConfigError(f'auth.method: "{auth.method}" but no access.users.NAME.clients')
+    if auth.method == "ip_and_password":
+        for name in known:
+            if name not in auth.users:
+                raise ConfigError(
+                    f'access.users.{name}.clients: "ip_and_password" needs its password too'
+                )
 
 
 def _user_access(one: _Table) -> UserAccess:
     """One user's rules (then no other key but `password` in a users file)."""
     ingress_raw = one.get("ingress")
     ingress = () if ingress_raw is None else _parse_nets(ingress_raw, one.key("ingress"))
+    clients_raw = one.get("clients")
+    clients = () if clients_raw is None else _parse_nets(clients_raw, one.key("clients"))
     ua = UserAccess(
         ingress=tuple(access.Net.parse(n) for n in ingress),
+        clients=tuple(access.Net.parse(n) for n in clients),
         destinations=_parse_rules(one.get("destinations", []), one.key("destinations"), "to"),
         max_tunnels=_count(one, "max_tunnels", 0),
         rate=_rate(one, "rate", 0.0),
@@ -717,7 +756,7 @@ def check_open_proxy(config: Config) -> None:
             '[[access.clients]] rule: that is an open proxy. Set auth.method = "password", '
             "add [[access.clients]] rules, or set access.allow_open_proxy = true"
         )
-    if "socks4" in config.protocols:
+    if "socks4" in config.protocols and config.auth.method == "password":
         # SOCKS4 carries no password: a user name alone would open the proxy to anyone
         # who guesses one.
         raise ConfigError(
@@ -797,8 +836,8 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     at.done()
 
     access_config = _parse_access(root.table("access"), auth, file_rules)
-    if access_config.users and auth.method != "password":
-        raise ConfigError('access.users: per-user rules need auth.method = "password"')
+    if access_config.users and auth.method == "none":
+        raise ConfigError('access.users: per-user rules need users: auth.method is "none"')
     limits = _parse_limits(root.table("limits"))
 
     root.done()

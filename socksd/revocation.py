@@ -8,7 +8,9 @@ state between reloads.
 
 The checks are those a new connection meets, in the same order: the protocol is
 still enabled, the client IP is still allowed (`access.clients`), authentication is
-still satisfied (a user that no longer exists, or whose password hash changed, is
+still satisfied (a user known by its address whose `clients` no longer hold the
+client IP is revoked, as is one that logged in with a password the method no longer
+takes; a user that no longer exists, or whose password hash changed, is
 revoked; a tunnel opened without a user is revoked once `auth.method` becomes
 "password"), the user may still use the ingress IP (`access.users.NAME.ingress`), and
 the destination is still allowed (the user's rules, then `access.destinations`, then
@@ -23,6 +25,7 @@ from typing import Any
 from socksd.access import ClientPolicy, DestinationPolicy, ingress_allowed
 from socksd.config import Config, UserAccess
 from socksd.policy import normalize_ip
+from socksd.whitelist import ClientUsers
 
 _NO_USER = UserAccess()
 
@@ -30,6 +33,8 @@ _NO_USER = UserAccess()
 USER_REMOVED = "user_removed"
 PASSWORD_CHANGED = "password_changed"
 AUTH_REQUIRED = "auth.method"
+# A Grant's credential when its user was known by its address (no password).
+IP_LOGIN = "ip"
 PROTOCOL_OFF = "protocols"
 
 
@@ -91,11 +96,16 @@ def handed_over(admitted: Admitted) -> Grant:
 
 
 def revoked_by(
-    grant: Grant, config: Config, clients: ClientPolicy, destinations: DestinationPolicy
+    grant: Grant,
+    config: Config,
+    clients: ClientPolicy,
+    destinations: DestinationPolicy,
+    client_users: ClientUsers,
 ) -> str | None:
     """None if `config` still allows the connection `grant` describes, else why not.
 
-    `clients` and `destinations` are the policies built from `config`.
+    `clients`, `destinations` and `client_users` (the whitelists) are built from
+    `config`.
     """
     if grant.protocol and grant.protocol not in config.protocols:
         return PROTOCOL_OFF
@@ -103,15 +113,30 @@ def revoked_by(
         return clients.refusing_rule(grant.client_ip)
     user = grant.user
     rules = _NO_USER
-    if config.auth.method == "password":
+    method = config.auth.method
+    if method != "none":
         if user is None:
             return None if grant.logging_in else AUTH_REQUIRED
-        stored = config.auth.users.get(user)
-        if stored is None:
-            return USER_REMOVED
-        if grant.credential is not None and stored != grant.credential:
-            return PASSWORD_CHANGED
         rules = config.access.users.get(user, _NO_USER)
+        if grant.credential == IP_LOGIN:  # known by its address, no password
+            if "ip" not in method or method == "ip_and_password":
+                return AUTH_REQUIRED
+            if client_users.user_of(grant.client_ip) != user:
+                return (
+                    USER_REMOVED
+                    if user not in config.access.users
+                    else f"access.users.{user}.clients"
+                )
+        else:
+            stored = config.auth.users.get(user)
+            if stored is None and (grant.credential is not None or "ip" not in method):
+                return USER_REMOVED
+            if grant.credential is not None and stored != grant.credential:
+                return PASSWORD_CHANGED
+            if method == "ip" and grant.credential is not None:
+                return AUTH_REQUIRED  # passwords are no longer a way in
+            if method == "ip_and_password" and client_users.user_of(grant.client_ip) != user:
+                return f"access.users.{user}.clients"
         if rules.ingress and not ingress_allowed(rules.ingress, grant.ingress_ip):
             return f"access.users.{user}.ingress"
     if grant.target is not None:

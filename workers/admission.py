@@ -49,15 +49,28 @@ def admit(ctx: WorkerContext, client_ip: str, user: str | None, ingress_ip: str)
     return claim
 
 
-def identify_socks4(ctx: WorkerContext, userid: bytes) -> str | None:
-    """The user a SOCKS4 USERID names, or None with authentication off.
+def identify_socks4(
+    ctx: WorkerContext, userid: bytes, client_ip: str, ingress_ip: str
+) -> str | None:
+    """The user a SOCKS4 request is, or None with authentication off.
 
-    SOCKS4 has no password: with auth on, the USERID must name a configured user
-    (identification, not authentication; see the README).
+    SOCKS4 has no password: with auth.method "password" the USERID must name a
+    configured user (identification, not authentication; see the README); with "ip" or
+    "ip_or_password" the client's address must be a user's (the USERID is not read:
+    alone it would stand in for a password);
+    "ip_and_password" refuses SOCKS4 (it cannot give the password).
 
     Raises:
-        Refused: 0x02 (SOCKS4: 91), the USERID names no configured user.
+        Refused: 0x02 (SOCKS4: 91), no user is identified.
     """
+    method = ctx.config.auth.method
+    if method == "ip_and_password":
+        raise Refused(Reply.NOT_ALLOWED, "socks4_without_password")
+    if ctx.ip_auth:
+        user = ctx.whitelisted(client_ip, ingress_ip)
+        if user is None:  # a USERID alone never stands for a password
+            raise Refused(Reply.NOT_ALLOWED, "client_not_whitelisted")
+        return user
     name = userid.decode("utf-8", "replace")
     if ctx.authenticator is None:
         return None

@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from socksd import access
 from socksd.access import ClientPolicy, DestinationPolicy
 from socksd.config import Config
 from socksd.policy import EgressPolicy
 from socksd.revocation import Grant
+from socksd.whitelist import ClientUsers
 from workers.accounting import Ledger
 from workers.authenticator import Authenticator
 from workers.counters import WorkerCounters
@@ -57,7 +59,9 @@ class WorkerContext:
     handshakes: set[Any] = field(default_factory=set)
     _conn_seq: int = 0
     # Derived from the config by use_config() (at start, and by every reload):
-    authenticator: Authenticator | None = None  # None: auth.method = "none"
+    authenticator: Authenticator | None = None  # None: no method takes passwords
+    client_users: ClientUsers = field(init=False)  # users known by their address
+    ip_auth: bool = field(init=False)  # auth.method "ip...": a greeting's answer depends on it
     policy: EgressPolicy = field(init=False)
     clients: ClientPolicy = field(init=False)
     destinations: DestinationPolicy = field(init=False)
@@ -75,13 +79,26 @@ class WorkerContext:
         self.policy = EgressPolicy(config.egress.mappings)
         self.clients = ClientPolicy(config.access.clients, loopback_only=config.loopback_only)
         self.destinations = DestinationPolicy(config.access.destinations, own)
-        if config.auth.method != "password":
+        self.ip_auth = "ip" in config.auth.method
+        self.client_users = ClientUsers(
+            {name: ua.clients for name, ua in config.access.users.items() if ua.clients}
+        )
+        if config.auth.method in ("none", "ip"):
             self.authenticator = None
         elif self.authenticator is None:
             self.authenticator = Authenticator(config.auth.users, self.resolver)
         else:
             return self.authenticator.update(config.auth.users)
         return 0
+
+    def whitelisted(self, client_ip: str, ingress_ip: str) -> str | None:
+        """The user `client_ip` is (access.users.NAME.clients) when it came in on one of
+        that user's ingress IPs; None otherwise."""
+        user = self.client_users.user_of(client_ip)
+        if user is None:
+            return None
+        nets = self.config.access.users[user].ingress
+        return user if access.ingress_allowed(nets, ingress_ip) else None
 
     def next_conn_id(self) -> int:
         self._conn_seq += 1

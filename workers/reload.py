@@ -124,7 +124,7 @@ def _recheck(ctx: WorkerContext, *, auth_changed: bool) -> dict[str, int]:
         if session is not None and session.phase is Phase.DRAINING:
             continue  # its failure reply is sent: it ends anyway
         grant = conn.granted()
-        by = revoked_by(grant, config, ctx.clients, ctx.destinations)
+        by = revoked_by(grant, config, ctx.clients, ctx.destinations, ctx.client_users)
         if by is None and auth_changed and session is not None and session.method_chosen:
             by = "auth.method"  # its greeting chose a method no longer offered
         if by is not None:

@@ -53,7 +53,7 @@ from socksd.codec import (
     UserPassAuth,
 )
 from socksd.config import hostport
-from socksd.revocation import Admitted, Grant
+from socksd.revocation import IP_LOGIN, Admitted, Grant
 from socksd.socks4 import Socks4ServerConnection
 from socksd.socks5 import Socks5ServerConnection, choose_method
 from socksd.usage import NO_USER
@@ -76,6 +76,15 @@ DRAIN_TIMEOUT = 2.0
 AF_INET, AF_INET6 = socket.AF_INET, socket.AF_INET6
 _WITH_AUTH = (Method.USERNAME_PASSWORD,)
 _WITHOUT_AUTH = (Method.NO_AUTH,)
+# (auth.method, the client's address is a user's) -> the methods a greeting may get.
+_IP_METHODS: dict[tuple[str, bool], tuple[Method, ...]] = {
+    ("ip", True): (Method.NO_AUTH,),
+    ("ip", False): (),
+    ("ip_or_password", True): (Method.NO_AUTH, Method.USERNAME_PASSWORD),
+    ("ip_or_password", False): (Method.USERNAME_PASSWORD,),
+    ("ip_and_password", True): (Method.USERNAME_PASSWORD,),
+    ("ip_and_password", False): (),
+}
 # Answers are values: built once, not per client.
 _SELECTIONS: dict[int, MethodSelection] = {m: MethodSelection(m) for m in Method}
 # Enum.name is a Python-level property: one dict lookup instead, per request.
@@ -179,6 +188,7 @@ class Session:
         "_bind",
         "_credentials_next",
         "_credential",
+        "_ip_user",
     )
 
     def __init__(
@@ -210,6 +220,7 @@ class Session:
         self._user: str | None = None
         # The user's password hash when it logged in: a reload that changes it revokes.
         self._credential: str | None = None
+        self._ip_user: str | None = None  # the user its address is (auth.method "ip...")
         self._claim: Claim | None = None  # this tunnel's place in per-IP/per-user counts
         self._bind: BindWaiter | None = None
         self._first_byte = True  # the first byte read picks the front door
@@ -272,7 +283,7 @@ class Session:
             if data[0] != 5 or self._ctx.socks5_off:
                 if not self._pick_front_door(data[0]):
                     return
-            else:
+            elif not self._ctx.ip_auth:  # with "ip..." methods the answer needs a look-up
                 # The usual greetings (05 01 00 without auth; 05 01 02 or 05 02 00 02
                 # with) and their answer in one codec step: a SOCKS5 codec's own fast
                 # paths (the first byte was 5).
@@ -356,14 +367,29 @@ class Session:
             event = NEED_DATA
 
     def _on_greeting(self, event: Greeting) -> None:
-        acceptable = _WITH_AUTH if self._ctx.authenticator else _WITHOUT_AUTH
+        ctx = self._ctx
+        ip_user = None
+        if ctx.ip_auth:
+            # Users known by their address: no password (0x00) for a whitelisted client
+            # on its user's ingress IPs, as auth.method allows.
+            ip_user = self._ip_user = ctx.whitelisted(self._peer[0], self._ingress_ip)
+            acceptable = _IP_METHODS[ctx.config.auth.method, ip_user is not None]
+        else:
+            acceptable = _WITH_AUTH if ctx.authenticator else _WITHOUT_AUTH
         method = choose_method(event.methods, acceptable)
         if not self._write(self._codec.send(_SELECTIONS[method])):
             self._client_gone()
             return
         if method == _NO_ACCEPTABLE:
             # RFC 1928 section 3: reply X'FF' and close.
-            self._handshake_failed("no_acceptable_method", offered=list(event.methods))
+            reason = "no_acceptable_method"
+            if ctx.ip_auth and ip_user is None and not acceptable:
+                reason = "client_not_whitelisted"
+            self._handshake_failed(reason, offered=list(event.methods))
+        elif ip_user is not None and method == Method.NO_AUTH:
+            self._user = ip_user
+            self._credential = IP_LOGIN
+            self._learned({"user": ip_user, "login": "ip"})
 
     def _on_credentials(self, username: bytes, password: bytes) -> None:
         """The credentials, read whole by the codec's fast path (state SEND_AUTH_STATUS,
@@ -412,7 +438,11 @@ class Session:
     def _on_auth_verdict(self, ok: bool) -> None:
         if self.phase is not _AUTHENTICATING:
             return  # timed out or closed while scrypt ran
-        limits = self._ctx.limits
+        ctx = self._ctx
+        why = "auth_failed"
+        if ok and ctx.config.auth.method == "ip_and_password" and self._user != self._ip_user:
+            ok, why = False, "client_not_whitelisted"  # a right password from elsewhere
+        limits = ctx.limits
         if ok:
             limits.auth_succeeded(self._peer[0])
         else:
@@ -421,13 +451,12 @@ class Session:
             self._client_gone()
             return
         if not ok:
-            ctx = self._ctx
             if ctx.ledger is not None:
                 # A name the config does not know gets no account (bounded memory).
                 known = self._user if self._user in ctx.config.auth.users else None
-                ctx.ledger.refused("auth_failed", self._ingress_ip, known)
+                ctx.ledger.refused(why, self._ingress_ip, known)
             # RFC 1929: a non-zero status MUST be followed by closing the connection.
-            self._handshake_failed("auth_failed", user=self._user)
+            self._handshake_failed(why, user=self._user)
             return
         assert self._user is not None
         self._credential = self._ctx.config.auth.users.get(self._user)
@@ -444,9 +473,11 @@ class Session:
         try:
             if self._protocol == "socks4":
                 userid = self._codec.userid  # type: ignore[attr-defined]  # SOCKS4's own
-                user = admission.identify_socks4(ctx, userid)
+                user = admission.identify_socks4(ctx, userid, self._peer[0], self._ingress_ip)
                 if user is not None:
                     self._user = user
+                    if ctx.ip_auth:
+                        self._credential = IP_LOGIN
                     self._learned({"user": user})
             if self._user is not None or ctx.limits.claims_needed:
                 self._claim = admission.admit(ctx, self._peer[0], self._user, self._ingress_ip)

@@ -158,3 +158,51 @@ def test_udp_behind_nat_settings():
     for udp, message in bad:
         with pytest.raises(ConfigError, match=message):
             parse_config({**base, "udp": udp}, "t")
+
+
+def test_users_known_by_their_address():
+    from socksd.whitelist import ClientUsers
+
+    h = hash_password("x")
+    base = {"listen": ["192.0.2.1:1080"]}  # not loopback: the open-proxy guard runs
+    config = parse_config(
+        {
+            **base,
+            "auth": {"method": "ip"},
+            "access": {
+                "users": {
+                    "alice": {"clients": ["203.0.113.0/24"], "ingress": ["192.0.2.1"]},
+                    "bob": {"clients": ["2001:db8::/64", "198.51.100.7"]},
+                }
+            },
+        },
+        "t",
+    )
+    users = ClientUsers({n: ua.clients for n, ua in config.access.users.items()})
+    assert users.user_of("203.0.113.77") == "alice"
+    assert users.user_of("::ffff:203.0.113.1") == "alice"
+    assert users.user_of("198.51.100.7") == "bob" and users.user_of("198.51.100.8") is None
+    assert users.user_of("2001:db8::1") == "bob" and users.user_of("2001:db9::1") is None
+    bad = [
+        (
+            {"method": "ip"},
+            {"users": {"a": {"clients": ["10.0.0.0/8"]}, "b": {"clients": ["10.1.0.0/16"]}}},
+            "overlap",
+        ),
+        ({"method": "ip"}, {}, "no access.users.NAME.clients"),
+        (
+            {"method": "password", "users": {"a": h}},
+            {"users": {"a": {"clients": ["10.0.0.0/8"]}}},
+            'needs auth.method "ip"',
+        ),
+        (
+            {"method": "ip_and_password", "users": {"a": h}},
+            {"users": {"b": {"clients": ["10.0.0.0/8"]}}},
+            "needs its password too",
+        ),
+        ({"method": "ip_or_password"}, {"users": {"b": {"clients": ["10.0.0.0/8"]}}}, "password"),
+        ({"method": "token"}, {}, "must be one of"),
+    ]
+    for auth, access, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            parse_config({**base, "auth": auth, "access": access}, "t")

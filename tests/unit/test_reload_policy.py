@@ -16,6 +16,7 @@ from socksd.channel import APPLIED, CONFIG, Channel, ChannelError
 from socksd.config import Config, load_config, parse_config
 from socksd.errors import ConfigError
 from socksd.revocation import Grant, revoked_by
+from socksd.whitelist import ClientUsers
 
 H1 = "scrypt$16384$8$1$c2FsdHNhbHRzYWx0c2FsdA$ZGlnZXN0ZGlnZXN0ZGlnZXN0ZGlnZXN0ZGlnZXN0ZGk"
 H2 = "scrypt$16384$8$1$b3RoZXJzYWx0b3RoZXJzYQ$ZGlnZXN0ZGlnZXN0ZGlnZXN0ZGlnZXN0ZGlnZXN0ZGk"
@@ -34,7 +35,8 @@ def _config(extra: str = "") -> Config:
 def _decide(grant: Grant, config: Config) -> str | None:
     clients = ClientPolicy(config.access.clients, loopback_only=config.loopback_only)
     destinations = DestinationPolicy(config.access.destinations, [("127.0.0.1", 1080)])
-    return revoked_by(grant, config, clients, destinations)
+    users = ClientUsers({n: ua.clients for n, ua in config.access.users.items() if ua.clients})
+    return revoked_by(grant, config, clients, destinations, users)
 
 
 def _grant(user: str | None = "alice", target=("192.0.2.7", 443), **kw) -> Grant:
