@@ -230,6 +230,8 @@ def test_per_user_figures_equal_what_clients_moved_and_the_log_lines_add_up(star
             want[user]["bytes_down"] + want[user]["udp_bytes_down"],
         ]
     assert len(_lines(proc, "tunnel_usage")) >= 9  # 3 long tunnels x 3 intervals
+    for user in USERS:
+        print(f"{user}: {dict(want[user])} == stats --users; log sums {billed[user]}")
     text = _cli(proc, "stats", "--users")
     assert text.returncode == 0 and "alice" in text.stdout and "refused" in text.stdout
 
@@ -261,6 +263,10 @@ def test_a_long_tunnel_gets_one_record_per_interval_and_they_add_up(start):
     # Each record ~one interval after the previous (the sweep runs every 0.125 s).
     gaps = [b["duration_ms"] - a["duration_ms"] for a, b in zip(records, records[1:], strict=False)]
     assert all(350 <= g <= 650 for g in gaps), gaps
+    print(
+        f"records up {[r['bytes_up'] for r in records]} + unreported {closed['unreported_up']}"
+        f" = {sent}; at {[r['duration_ms'] for r in records]} ms"
+    )
 
 
 def test_tunnels_lists_and_kick_closes_exactly_that_users_tunnels(start):
