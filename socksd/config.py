@@ -781,9 +781,9 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     if (
         not isinstance(protocols_raw, list)
         or not protocols_raw
-        or any(p not in ("socks5", "socks4") for p in protocols_raw)
+        or any(p not in ("socks5", "socks4", "http") for p in protocols_raw)
     ):
-        raise ConfigError('protocols: a non-empty list of "socks5" and "socks4"')
+        raise ConfigError('protocols: a non-empty list of "socks5", "socks4" and "http"')
 
     timeouts = root.table("timeouts").seconds(Timeouts)
 

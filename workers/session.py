@@ -53,6 +53,7 @@ from socksd.codec import (
     UserPassAuth,
 )
 from socksd.config import hostport
+from socksd.http import HttpServerConnection
 from socksd.revocation import IP_LOGIN, Admitted, Grant
 from socksd.socks4 import Socks4ServerConnection
 from socksd.socks5 import Socks5ServerConnection, choose_method
@@ -96,6 +97,8 @@ _COMMAND_NAMES = {c: c.name.lower() for c in Command}
 # the error. A door is a name and a codec (`socksd.codec.ServerCodec`).
 _FRONT_DOORS: dict[int, tuple[str, Callable[[int], ServerCodec]]] = {
     4: ("socks4", Socks4ServerConnection),
+    # An HTTP method's first letter (CONNECT, GET, POST, ...): the HTTP proxy.
+    **{letter: ("http", HttpServerConnection) for letter in range(ord("A"), ord("Z") + 1)},
 }
 
 
@@ -212,6 +215,7 @@ class Session:
             "conn_id": ctx.next_conn_id(),
             "client": hostport(policy.normalize_ip(peer[0]), peer[1]),
             "ingress_ip": ingress_ip,
+            "protocol": "socks5",  # the front door's name, until the first byte says another
         }
         self._log: Any = None
         self._candidates: list[tuple[str, socket.AddressFamily, tuple[Any, ...]]] = []
@@ -385,6 +389,9 @@ class Session:
             reason = "no_acceptable_method"
             if ctx.ip_auth and ip_user is None and not acceptable:
                 reason = "client_not_whitelisted"
+            if self._protocol == "http":  # answered 407: no (acceptable) credentials
+                self._handshake_failed("http_proxy_auth_required", http_status=407)
+                return
             self._handshake_failed(reason, offered=list(event.methods))
         elif ip_user is not None and method == Method.NO_AUTH:
             self._user = ip_user
@@ -417,11 +424,19 @@ class Session:
         self._learned({"user": user})
 
     def _on_auth(self, event: UserPassAuth) -> None:
-        assert self._ctx.authenticator is not None  # the codec only asks after 0x02
+        ctx = self._ctx
+        authenticator = ctx.authenticator
+        assert authenticator is not None  # the codec only asks after 0x02
         self._user = event.username.decode("utf-8", "replace")
         self._transition(_AUTHENTICATING)
+        delay = ctx.limits.auth_delay(self._peer[0], self._loop.now)
+        if not delay and authenticator.cached(event.username, event.password):
+            # Verified lately: the verdict now, with no interest change in between (two
+            # epoll_ctl less: the HTTP front door's usual login, whose credentials come
+            # with its request, and SOCKS5 logins that miss the codec's fast path).
+            self._on_auth_verdict(True)
+            return
         self._update()
-        delay = self._ctx.limits.auth_delay(self._peer[0], self._loop.now)
         if delay:
             # Repeated failures from this IP: its next answer waits (a timer, the loop
             # keeps serving everyone else). The handshake timeout still applies.
@@ -792,6 +807,8 @@ class Session:
         self._cancel_timer()
         self._transition(_RELAYING)
         reply = self._codec.send_success(bound[0], bound[1])
+        if reply and self._protocol == "http":
+            self._context["http_status"] = 200  # CONNECT (a forwarded request: the origin's)
         counters = ctx.counters
         counters.replied(_SUCCEEDED)
         counters.tunnels_opened += 1
@@ -825,7 +842,12 @@ class Session:
         `wire`: the bytes to send instead of encoding `reply` (the codec's own answer
         after it failed)."""
         self._stop_waiting()
-        delivered = self._write(self._codec.send(CommandReply(reply)) if wire is None else wire)
+        codec = self._codec
+        if type(codec) is HttpServerConnection:
+            if wire is None:
+                wire = codec.failure(reply, reason)  # the status says more than the code
+            fields["http_status"] = codec.status
+        delivered = self._write(codec.send(CommandReply(reply)) if wire is None else wire)
         ctx = self._ctx
         ctx.counters.replied(reply)
         if ctx.ledger is not None:
@@ -846,6 +868,10 @@ class Session:
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         delivered = bool(exc.reply) and self._write(exc.reply)
+        codec = self._codec
+        if type(codec) is HttpServerConnection:
+            self._handshake_failed(exc.reason, drain=delivered, http_status=codec.status)
+            return
         self._handshake_failed(exc.reason, drain=delivered)
 
     def _handshake_failed(self, reason: str, drain: bool = True, **fields: Any) -> None:
@@ -937,6 +963,8 @@ class Session:
     def _write(self, data: bytes) -> bool:
         """Send, queueing what the socket does not take; False when the client is gone
         (the caller ends us)."""
+        if not data:
+            return True  # an answer with no bytes (HTTP's method selection): no syscall
         if not self._out and self.phase is not _DRAINING:
             # The usual case (a 2- or 10-byte answer into an empty socket buffer): sent
             # whole, nothing queued, so the registered interest stays as it is.
