@@ -2,7 +2,7 @@
  *
  *   loadgen MODE [--proxy IP:PORT] --target IP:PORT [--concurrency C] [--total N]
  *           [--bytes B] [--discard] [--src IP --src-count K] [--timeout-ms T]
- *           [--deadline-s D] [--auth USER:PASSWORD] [--target-name NAME]
+ *           [--deadline-s D] [--auth USER:PASSWORD] [--target-name NAME] [--http]
  *
  * MODE tunnels: each tunnel = TCP connect (to the proxy, or straight to the target when
  *   there is no --proxy), SOCKS5 no-auth greeting, wait for the method, CONNECT to the
@@ -14,6 +14,10 @@
  * --target-name NAME: CONNECT names the target (ATYP 0x03, NAME, the --target port)
  *   instead of sending --target's IPv4 address; the proxy resolves NAME. Without these
  *   two options every byte on the wire is as it was before they existed.
+ * --http: an HTTP proxy's CONNECT instead of SOCKS5 (RFC 9110 section 9.3.6):
+ *   "CONNECT HOST:PORT HTTP/1.1", Host, and with --auth a Proxy-Authorization: Basic
+ *   header; HOST is --target-name or --target's IP. The response head must say 200;
+ *   another status fails the tunnel as "http:<status>".
  * MODE hold: open N tunnels (C handshakes in flight) and keep them idle; print
  *   "held N" on stdout, then hold until stdin is readable (a line or EOF) or D seconds
  *   passed since the start, then close them all.
@@ -80,6 +84,10 @@ static uint32_t src_base;
 static uint64_t bulk_bytes = 1ull << 30, per_stream;
 static int bulk_flags; /* MSG_TRUNC with --discard: TCP drops the bytes, no copy to us */
 static uint64_t timeout_ns = 10ull * 1000000000, deadline_ns = 300ull * 1000000000;
+/* --http: the CONNECT request head, built once (0: SOCKS5) */
+static char http_req[2048];
+static size_t http_req_len;
+static const char *auth_text; /* --auth as given, for --http's Basic credentials */
 /* --auth: the RFC 1929 request, built once; auth_len 0 = no-auth (the default path) */
 static uint8_t auth_req[3 + 2 * 255];
 static size_t auth_len;
@@ -218,6 +226,11 @@ static void on_connected(int i) {
     if (err) return fail(i, "connect", errname(err));
     watch(i, EPOLLIN, EPOLL_CTL_MOD);
     if (!use_proxy) return tunnel_ready(i);
+    if (http_req_len) {
+        c->got = 0;
+        if (send_all(i, (const uint8_t *)http_req, http_req_len) == 0) c->stage = REPLY;
+        return;
+    }
     static const uint8_t greeting[] = {5, 1, 0}; /* RFC 1928: VER, NMETHODS, no-auth */
     static const uint8_t greeting_auth[] = {5, 1, 2}; /* the same, username/password */
     const uint8_t *hello = auth_len ? greeting_auth : greeting;
@@ -249,6 +262,26 @@ static uint32_t reply_len(const struct conn *c) {
     }
 }
 
+/* --http: read the CONNECT response head (byte by byte up to its blank line: the
+ * tunnel's first bytes must stay in the socket for the echo), then the tunnel. */
+static void on_http_response(int i) {
+    struct conn *c = &conns[i];
+    for (;;) {
+        if (c->got >= sizeof c->buf) return fail(i, "http", "head_too_long");
+        ssize_t n = recv(c->fd, c->buf + c->got, 1, 0);
+        if (n < 0 && errno == EAGAIN) return;
+        if (n <= 0) return fail(i, "short_read", stage_names[c->stage]);
+        c->got += 1;
+        if (c->got >= 4 && !memcmp(c->buf + c->got - 4, "\r\n\r\n", 4)) break;
+    }
+    if (c->got < 12 || memcmp(c->buf, "HTTP/1.", 7) || memcmp(c->buf + 9, "200", 3)) {
+        char code[4] = {0};
+        if (c->got >= 12) memcpy(code, c->buf + 9, 3);
+        return fail(i, "http", code);
+    }
+    return tunnel_ready(i);
+}
+
 static void on_readable(int i) {
     struct conn *c = &conns[i];
     uint32_t want;
@@ -262,6 +295,7 @@ static void on_readable(int i) {
         }
         return;
     }
+    if (http_req_len && c->stage == REPLY) return on_http_response(i);
     switch (c->stage) {
     case METHOD: want = 2; break;
     case AUTH: want = 2; break;
@@ -358,6 +392,32 @@ static void set_auth(const char *text) {
     auth_len = 3 + ulen + plen;
 }
 
+/* --http: the CONNECT head; Basic credentials from --auth (RFC 7617). */
+static void set_http(const char *name) {
+    static const char b64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    char host[300], cred[800] = "";
+    if (name) snprintf(host, sizeof host, "%s", name);
+    else inet_ntop(AF_INET, &target_addr.sin_addr, host, sizeof host);
+    if (auth_text) {
+        const unsigned char *s = (const unsigned char *)auth_text;
+        size_t len = strlen(auth_text), k = 0;
+        char enc[700];
+        for (size_t j = 0; j < len; j += 3) {
+            uint32_t v = (uint32_t)s[j] << 16 | (j + 1 < len ? (uint32_t)s[j + 1] << 8 : 0) |
+                         (j + 2 < len ? s[j + 2] : 0);
+            enc[k++] = b64[v >> 18 & 63];
+            enc[k++] = b64[v >> 12 & 63];
+            enc[k++] = j + 1 < len ? b64[v >> 6 & 63] : '=';
+            enc[k++] = j + 2 < len ? b64[v & 63] : '=';
+        }
+        enc[k] = 0;
+        snprintf(cred, sizeof cred, "Proxy-Authorization: Basic %s\r\n", enc);
+    }
+    int n = snprintf(http_req, sizeof http_req, "CONNECT %s:%d HTTP/1.1\r\nHost: %s:%d\r\n%s\r\n",
+                     host, ntohs(target_addr.sin_port), host, ntohs(target_addr.sin_port), cred);
+    http_req_len = (size_t)n;
+}
+
 /* --target-name NAME -> CONNECT with ATYP 0x03: VER, CMD, RSV, 3, LEN, NAME, PORT. */
 static void set_target_name(const char *name) {
     size_t len = strlen(name);
@@ -378,7 +438,8 @@ static void parse_args(int argc, char **argv) {
         {"total", 1, 0, 'n'},   {"bytes", 1, 0, 'b'},      {"src", 1, 0, 's'},
         {"src-count", 1, 0, 'k'}, {"timeout-ms", 1, 0, 'o'}, {"deadline-s", 1, 0, 'd'},
         {"discard", 0, 0, 'x'}, {"auth", 1, 0, 'a'},      {"target-name", 1, 0, 'N'},
-        {0, 0, 0, 0}};
+        {"http", 0, 0, 'H'},    {0, 0, 0, 0}};
+    int http = 0;
     int opt, have_target = 0;
     const char *name = NULL;
     if (argc < 2) die("usage: loadgen tunnels|hold|bulk --target IP:PORT ...");
@@ -404,13 +465,15 @@ static void parse_args(int argc, char **argv) {
         case 'o': timeout_ns = strtoull(optarg, NULL, 10) * 1000000; break;
         case 'd': deadline_ns = strtoull(optarg, NULL, 10) * 1000000000; break;
         case 'x': bulk_flags = MSG_TRUNC; break;
-        case 'a': set_auth(optarg); break;
+        case 'a': set_auth(optarg); auth_text = optarg; break;
+        case 'H': http = 1; break;
         case 'N': name = optarg; break;
         default: exit(2);
         }
     }
     if (!have_target || concurrency < 1 || total < 1) die("need --target, C >= 1, N >= 1");
-    if (name) set_target_name(name);
+    if (http) set_http(name);
+    else if (name) set_target_name(name);
     if (mode == BULK) {
         total = concurrency;
         per_stream = bulk_bytes / concurrency;

@@ -176,7 +176,7 @@ DISTURBED_PCT = 25  # CPU of the rest of the machine at which a figure is flagge
 # --only: tunnels/s (+TTFB, proxy CPU per tunnel), RSS per idle tunnel, MiB/s 1 and 8
 # streams, UDP echo, the sustained run.
 FIGURES = ("rate", "rss", "bulk", "udp", "sustained")
-BASELINES = ("microsocks", "pproxy", "noproxy")  # --baselines
+BASELINES = ("microsocks", "pproxy", "noproxy", "tinyproxy")  # --baselines
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +187,7 @@ class TunnelPath:
     label: str
     auth: bool  # RFC 1929 user/password (method 0x02) before the request
     name: bool  # CONNECT to a hostname (ATYP 0x03) the proxy resolves through DNS
+    http: bool = False  # an HTTP proxy's CONNECT (Basic credentials) instead of SOCKS5
 
 
 # The customer's path first: customers always authenticate and mostly send hostnames.
@@ -197,6 +198,10 @@ PATHS = {
         TunnelPath("auth-ip", "user/password + IPv4", auth=True, name=False),
         TunnelPath("noauth-name", "no auth + hostname", auth=False, name=True),
         TunnelPath("noauth-ip", "no auth + IPv4", auth=False, name=False),
+        # The same tunnel through the HTTP front door on the same port (issue 17).
+        TunnelPath(
+            "http-auth-name", "HTTP CONNECT, user/password + hostname", True, True, http=True
+        ),
     )
 }
 DEFAULT_PATH = "noauth-ip"  # the bench's path before the others existed
@@ -388,7 +393,12 @@ def plan_cpus(workers: tuple[int, ...]) -> tuple[str | None, dict[int, str | Non
 
 
 def socksd_config(
-    tmp: Path, name: str, workers: int, user_hash: str | None = None, extra: str = ""
+    tmp: Path,
+    name: str,
+    workers: int,
+    user_hash: str | None = None,
+    extra: str = "",
+    top: str = "",
 ) -> Path:
     """Write the config every socksd column runs with; `name` keeps its files apart.
 
@@ -402,11 +412,23 @@ def socksd_config(
         else ""
     )
     config.write_text(
-        f'listen = ["{HOST}:{PROXY_PORT}"]\nworkers = {workers}\n\n[log]\nlevel = "info"\n\n'
+        f'listen = ["{HOST}:{PROXY_PORT}"]\nworkers = {workers}\n{top}\n[log]\nlevel = "info"\n\n'
         f'[control]\nsocket = "{tmp}/control-{name}.sock"\n\n{auth}{extra}'
         # The targets live on loopback (in the bench's namespace): opt in to them.
         # The rule check stays on the measured path.
         '[[access.destinations]]\naction = "allow"\nto = ["127.0.0.0/8"]\n'
+    )
+    return config
+
+
+def tinyproxy_config(tmp: Path, path: TunnelPath) -> Path:
+    """tinyproxy (C, threaded, packaged by Debian) as the HTTP CONNECT baseline: the
+    bench's user, CONNECT allowed to the echo port, no log lines per request."""
+    config = tmp / f"tinyproxy-{path.key}.conf"
+    auth = f"BasicAuth {USER} {PASSWORD}\n" if path.auth else ""
+    config.write_text(
+        f"Port {PROXY_PORT}\nListen {HOST}\nTimeout 60\nMaxClients 2000\n"
+        f"LogLevel Critical\nAllow 127.0.0.0/8\nConnectPort {ECHO_PORT}\n{auth}"
     )
     return config
 
@@ -427,7 +449,7 @@ def user_hash(python: str, src: Path) -> str:
 
 def path_args(path: TunnelPath, settings: Settings) -> tuple[str, ...]:
     """The load generator's options for `path` (none for today's no-auth + IPv4)."""
-    args: tuple[str, ...] = ()
+    args: tuple[str, ...] = ("--http",) if path.http else ()
     if path.auth:
         args += ("--auth", f"{USER}:{settings.client_password}")
     if path.name:
@@ -517,24 +539,35 @@ def _path_columns(
     columns = []
     default = path.key == DEFAULT_PATH
     user = hashed if path.auth else None
+    http = 'protocols = ["socks5", "http"]\n' if path.http else ""
     for n in settings.workers:
-        config = socksd_config(tmp, f"w{n}-{path.key}", n, user)
+        config = socksd_config(tmp, f"w{n}-{path.key}", n, user, top=http)
         argv: tuple[str, ...] = (python, "-m", "socksd", "--config", str(config))
         columns.append(Column(f"socksd-w{n}", f"socksd w={n}", argv, proxy_cpus[n], udp=True))
     # A revision runs with the first column's settings, so the two differ only in code.
     first = settings.workers[0]
     for rev in against:
-        config = socksd_config(tmp, f"{rev.commit[:12]}-{path.key}", first, user)
+        config = socksd_config(tmp, f"{rev.commit[:12]}-{path.key}", first, user, top=http)
         argv = (python, "-m", "socksd", "--config", str(config))
         key = f"socksd@{rev.name}"
         columns.append(Column(key, key, argv, proxy_cpus[first], udp=True, src=rev.src))
     if accounting_off:  # the same code and settings, per-customer accounting off
         off = "[accounting]\nenabled = false\n"
-        config = socksd_config(tmp, f"noacct-{path.key}", first, user, off)
+        config = socksd_config(tmp, f"noacct-{path.key}", first, user, off, top=http)
         argv = (python, "-m", "socksd", "--config", str(config))
         columns.append(
             Column("socksd-noacct", "socksd acct off", argv, proxy_cpus[first], udp=True)
         )
+    tinyproxy = shutil.which("tinyproxy")
+    if path.http:  # microsocks and pproxy speak no HTTP here: tinyproxy is the baseline
+        if tinyproxy and "tinyproxy" in baselines:
+            config = tinyproxy_config(tmp, path)
+            columns.append(
+                Column(
+                    "tinyproxy", "tinyproxy", (tinyproxy, "-d", "-c", str(config)), proxy_cpus[0]
+                )
+            )
+        return columns
     microsocks = shutil.which("microsocks")
     if microsocks and "microsocks" in baselines:
         argv = (microsocks, "-i", HOST, "-p", str(PROXY_PORT))
