@@ -593,10 +593,11 @@ def _parse_udp(t: _Table) -> UdpConfig:
             isinstance(raw_range, list)
             and len(raw_range) == 2
             and all(isinstance(p, int) and not isinstance(p, bool) for p in raw_range)
-            and 1 <= raw_range[0] <= raw_range[1] <= 65535
+            and 1024 <= raw_range[0] <= raw_range[1] <= 65535
         )
         if not ok:
-            raise ConfigError(f"{t.key('port_range')}: must be [low, high] within 1..65535")
+            # Below 1024 every bind would fail (EACCES) for the unit's unprivileged user.
+            raise ConfigError(f"{t.key('port_range')}: must be [low, high] within 1024..65535")
         port_range = (raw_range[0], raw_range[1])
     t.done()
     return UdpConfig(advertise=advertise, port_range=port_range)

@@ -14,11 +14,12 @@ Must not:
     Touch sockets, decide policy (the session does: users, rules, limits, egress), or
     relay bytes (the relay does, as for a SOCKS tunnel).
 
-Absolute-form requests: the request goes to its origin in origin form with
-``Proxy-*`` and the hop-by-hop headers removed (RFC 9110 section 7.6.1) and
-``Connection: close``; the response streams back as it comes, and the connection ends
-with it (one request per client connection: a client opens another for the next).
-Only ``http://`` URLs.
+Absolute-form requests: a request without a body (411 otherwise) goes to its origin
+in origin form with Host from the URL, ``Proxy-*`` and the hop-by-hop headers removed
+(RFC 9110 section 7.6.1) and ``Connection: close``; the response streams back as it
+comes, and the connection ends with it (one request per client connection: a client
+opens another for the next). Whatever the client sends after the head is dropped,
+never forwarded. Only ``http://`` URLs.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import re
 import socket
 from collections.abc import Iterable
 from typing import Final, NoReturn
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import h11
 
@@ -56,6 +57,9 @@ from socksd.codec import (
 
 HEAD_MAX: Final = 16 * 1024  # bytes of a request head (line and headers)
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")  # a field name (RFC 9110 section 5.1)
+_NAME = re.compile(r"[A-Za-z0-9._-]+")  # a host name or an IPv4 address
+_IPV6 = re.compile(r"[0-9A-Fa-f:.]+")  # an IPv6 address (out of its brackets)
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _FIELD_VALUE = re.compile(rb"[\t \x21-\x7e\x80-\xff]*")  # no CR, LF or other controls
 MAX_HEADERS: Final = 100
 _NO_CREDENTIALS = (Method.NO_AUTH,)
@@ -91,6 +95,7 @@ _REASONS = {
     400: b"Bad Request",
     403: b"Forbidden",
     405: b"Method Not Allowed",
+    411: b"Length Required",
     407: b"Proxy Authentication Required",
     431: b"Request Header Fields Too Large",
     502: b"Bad Gateway",
@@ -133,9 +138,18 @@ class HttpServerConnection(BufferedCodec):
 
     @property
     def trailing_data(self) -> bytes:
+        if self._head:
+            return self._head  # a forwarded request: nothing after its head goes on
         if self._h11 is None:
-            return self._head + self._rest
-        return self._head + bytes(self._h11.trailing_data[0])
+            return self._rest
+        return bytes(self._h11.trailing_data[0])
+
+    @property
+    def forwards_input(self) -> bool:
+        """False for a forwarded (absolute-form) request: the client's later bytes are
+        read and dropped, never sent to the origin (the next request would carry its
+        Proxy-Authorization there)."""
+        return not self._head
 
     def _parser(self) -> h11.Connection:
         if self._h11 is None:
@@ -188,6 +202,8 @@ class HttpServerConnection(BufferedCodec):
             if not sep or not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
                 return None
             name = name.lower()
+            if name in _FRAMING or (name == b"host" and has_host):
+                return None  # h11 judges bodies and repeated Hosts
             has_host = has_host or name == b"host"
             headers.append((name, value.strip(b" \t")))
         host, port = _authority(parts[1].decode("ascii", "replace"))
@@ -241,6 +257,8 @@ class HttpServerConnection(BufferedCodec):
             return ConnectionClosed()
         if not isinstance(event, h11.Request):
             self._fail(400, "http_bad_request")
+        if len(event.headers) > MAX_HEADERS:  # heads with bare LF line ends, too
+            self._fail(431, "http_too_many_headers")
         self._request = self._parse_target(event)
         self._credentials = self._basic(event.headers)
         self._state = State.SEND_METHOD
@@ -259,13 +277,23 @@ class HttpServerConnection(BufferedCodec):
             if host is None:
                 self._fail(400, "http_bad_target")
             return CommandRequest(Command.CONNECT, _address_type(host), host, port)
-        url = urlsplit(request.target.decode("ascii", "replace"))
-        if url.scheme.lower() != "http" or not url.hostname:
+        try:
+            url = urlsplit(request.target.decode("ascii", "replace"))
+            ok = url.scheme.lower() == "http" and bool(url.hostname)
+        except ValueError:  # e.g. "http://[::1/": an unbalanced bracket
+            self._fail(400, "http_bad_target")
+        if not ok:
             self._fail(400, "http_not_absolute_http_url")
-        host, port = _authority(url.netloc.rpartition("@")[2], default_port=80)
+        authority = url.netloc.rpartition("@")[2]
+        host, port = _authority(authority, default_port=80)
         if host is None:
             self._fail(400, "http_bad_target")
-        self._head = _origin_head(request, url.netloc.rpartition("@")[2], url)
+        for name, value in request.headers:
+            # Only a request without a body is forwarded: what follows its head is never
+            # sent on (it could be the next request, with its Proxy-Authorization).
+            if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+                self._fail(411, "http_request_body_not_supported")
+        self._head = _origin_head(request, authority, url)
         return CommandRequest(Command.CONNECT, _address_type(host), host, port)
 
     @staticmethod
@@ -342,7 +370,7 @@ def _authority(text: str, default_port: int | None = None) -> tuple[str | None, 
         port = int(port_text)
     else:
         return None, 0
-    if not host or len(host) > 255 or any(c in host for c in " /\\@?#%\x00"):
+    if not host or len(host) > 255 or not (_NAME.fullmatch(host) or _IPV6.fullmatch(host)):
         return None, 0
     return host, port
 
@@ -362,24 +390,25 @@ def _address_type(host: str) -> AddressType:
     return kind
 
 
-def _origin_head(request: h11.Request, authority: str, url: object) -> bytes:
-    """The request line in origin form and the headers the origin may see."""
-    split = url  # a urllib SplitResult
-    path = split.path or "/"  # type: ignore[attr-defined]
-    if split.query:  # type: ignore[attr-defined]
-        path += "?" + split.query  # type: ignore[attr-defined]
+def _origin_head(request: h11.Request, authority: str, url: SplitResult) -> bytes:
+    """The request line in origin form, in the client's HTTP version, and the headers
+    the origin may see: Host from the URL (RFC 9112 section 3.2.2), no Proxy-* and no
+    hop-by-hop header, those the client's Connection names included (but never Host
+    or the framing ones), and Connection: close."""
+    path = url.path or "/"
+    if url.query:
+        path += "?" + url.query
     named = set(_HOP_BY_HOP)
     for name, value in request.headers:
         if name == b"connection":
             named.update(token.strip().lower() for token in value.split(b","))
-    lines = [b"%s %s HTTP/1.1" % (request.method, path.encode("ascii", "replace"))]
-    has_host = False
+    named -= {b"host", *_FRAMING}
+    version = request.http_version
+    lines = [b"%s %s HTTP/%s" % (request.method, path.encode("ascii", "replace"), version)]
+    lines.append(b"host: " + authority.encode("ascii", "replace"))
     for name, value in request.headers:
-        if name in named:
+        if name in named or name == b"host" or name.startswith(b"proxy-"):
             continue
-        has_host = has_host or name == b"host"
         lines.append(name + b": " + value)
-    if not has_host:
-        lines.append(b"host: " + authority.encode("ascii", "replace"))
     lines.append(b"connection: close")
     return b"\r\n".join(lines) + b"\r\n\r\n"

@@ -127,6 +127,11 @@ def revoked_by(
                     if user not in config.access.users
                     else f"access.users.{user}.clients"
                 )
+        elif grant.credential is None and "ip" in method:
+            # Named by a SOCKS4 USERID, no password: under the "ip" methods only its
+            # address may say who it is (and ip_and_password takes no SOCKS4 at all).
+            if method == "ip_and_password" or client_users.user_of(grant.client_ip) != user:
+                return AUTH_REQUIRED
         else:
             stored = config.auth.users.get(user)
             if stored is None and (grant.credential is not None or "ip" not in method):

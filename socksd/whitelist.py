@@ -33,18 +33,25 @@ class ClientUsers:
         """Raises: ValueError naming both users when two networks overlap."""
         ranges: dict[int, list[tuple[int, int, str]]] = {4: [], 6: []}
         for user, nets in clients.items():
-            for net in nets:
-                first, last = _span(net)
-                ranges[net.version].append((first, last, user))
+            for version in (4, 6):
+                # One user's own networks may nest or touch: merged first.
+                spans = sorted(_span(n) for n in nets if n.version == version)
+                merged: list[list[int]] = []
+                for first, last in spans:
+                    if merged and first <= merged[-1][1] + 1:
+                        merged[-1][1] = max(merged[-1][1], last)
+                    else:
+                        merged.append([first, last])
+                ranges[version] += [(first, last, user) for first, last in merged]
         self._starts: dict[int, list[int]] = {}
         self._ranges: dict[int, list[tuple[int, int, str]]] = {}
-        for version, spans in ranges.items():
-            spans.sort()
-            for (_, last, user), (first, _, other) in zip(spans, spans[1:], strict=False):
+        for version, owned in ranges.items():
+            owned.sort()
+            for (_, last, user), (first, _, other) in zip(owned, owned[1:], strict=False):
                 if first <= last:
                     raise ValueError(f"the clients of users {user!r} and {other!r} overlap")
-            self._ranges[version] = spans
-            self._starts[version] = [first for first, _, _ in spans]
+            self._ranges[version] = owned
+            self._starts[version] = [first for first, _, _ in owned]
         self.empty = not (ranges[4] or ranges[6])
 
     def user_of(self, ip: str) -> str | None:

@@ -121,6 +121,26 @@ class _Side:
         self.relay.crash(exc)
 
 
+class _DropSide(_Side):
+    """A client whose further input is read and dropped: a forwarded HTTP request's
+    (its head went upstream; what follows may be the next request, which must not
+    reach this origin)."""
+
+    __slots__ = ()
+
+    def on_readable(self) -> None:
+        relay = self.relay
+        try:
+            n = self.sock.recv_into(relay._view, relay._size)
+        except BlockingIOError:
+            return
+        except _DISCONNECTS as exc:
+            relay._abort(self, exc)
+            return
+        if n == 0:
+            relay._eof(self)
+
+
 class Relay:
     """Bidirectional non-blocking relay with back-pressure and half-close."""
 
@@ -160,10 +180,12 @@ class Relay:
         client_mask: int,
         upstream_mask: int,
         admitted: Admitted,
+        client_input: bool = True,
     ) -> None:
         """Take over two connected sockets, with their loop registrations (masks, 0:
         none), the bytes owed to each, the tunnel's bound logger and what it was
-        admitted on (re-checked by a reload)."""
+        admitted on (re-checked by a reload); `client_input` False: what the client
+        sends from now on is dropped (a forwarded HTTP request)."""
         self._ctx = ctx
         self.admitted = admitted
         self.recorded: Recorded | None = None  # its last tunnel_usage record
@@ -181,7 +203,8 @@ class Relay:
         # Who sent the first FIN on the upstream connection decides who keeps its
         # 4-tuple in TIME_WAIT: if we did, that quad is not reusable for a while.
         self._target_closed_first = False
-        c = self.client = _Side(client, client_fd, self, client_mask)
+        side = _Side if client_input else _DropSide
+        c = self.client = side(client, client_fd, self, client_mask)
         u = self.upstream = _Side(upstream, upstream.fileno(), self, upstream_mask)
         c.peer = u
         u.peer = c

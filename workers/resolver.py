@@ -111,7 +111,13 @@ class Resolver:
         counters.lookups += 1
         lookup = self._lookups[name] = _Lookup(self, name, self._loop.now, port, callback)
         if self._cares is not None:
-            self._cares.lookup(host, lookup.done)
+            try:
+                self._cares.lookup(host, lookup.done)
+            except Exception:  # noqa: BLE001 - c-ares refusing a name must not strand it
+                # e.g. pycares' InvalidCodepoint for a name no front door should pass:
+                # the lookup fails now, its waiters are answered, nothing stays pending.
+                self._finish(lookup, (), 0.0, "dns_error")
+                return
         else:
             self.run_blocking(_getaddrinfo, lookup.done_system, host)
         if not lookup.finished:

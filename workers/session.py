@@ -81,7 +81,8 @@ _WITHOUT_AUTH = (Method.NO_AUTH,)
 _IP_METHODS: dict[tuple[str, bool], tuple[Method, ...]] = {
     ("ip", True): (Method.NO_AUTH,),
     ("ip", False): (),
-    ("ip_or_password", True): (Method.NO_AUTH, Method.USERNAME_PASSWORD),
+    # Credentials, when sent, are checked and win: two customers behind one NAT.
+    ("ip_or_password", True): (Method.USERNAME_PASSWORD, Method.NO_AUTH),
     ("ip_or_password", False): (Method.USERNAME_PASSWORD,),
     ("ip_and_password", True): (Method.USERNAME_PASSWORD,),
     ("ip_and_password", False): (),
@@ -381,16 +382,24 @@ class Session:
         else:
             acceptable = _WITH_AUTH if ctx.authenticator else _WITHOUT_AUTH
         method = choose_method(event.methods, acceptable)
-        if not self._write(self._codec.send(_SELECTIONS[method])):
+        codec: Any = self._codec
+        reason = "no_acceptable_method"
+        if method == _NO_ACCEPTABLE and ctx.ip_auth and ip_user is None and not acceptable:
+            reason = "client_not_whitelisted"
+        http = type(codec) is HttpServerConnection
+        if http and reason == "client_not_whitelisted":
+            answer = codec.failure(Reply.NOT_ALLOWED, reason)  # 403: no credentials help
+        else:
+            answer = codec.send(_SELECTIONS[method])  # HTTP: 407 for no acceptable method
+        if not self._write(answer):
             self._client_gone()
             return
         if method == _NO_ACCEPTABLE:
             # RFC 1928 section 3: reply X'FF' and close.
-            reason = "no_acceptable_method"
-            if ctx.ip_auth and ip_user is None and not acceptable:
-                reason = "client_not_whitelisted"
-            if self._protocol == "http":  # answered 407: no (acceptable) credentials
-                self._handshake_failed("http_proxy_auth_required", http_status=407)
+            if http:
+                if reason != "client_not_whitelisted":
+                    reason = "http_proxy_auth_required"
+                self._handshake_failed(reason, http_status=codec.status)
                 return
             self._handshake_failed(reason, offered=list(event.methods))
         elif ip_user is not None and method == Method.NO_AUTH:
@@ -447,16 +456,23 @@ class Session:
     def _check_auth(self, username: bytes, password: bytes) -> None:
         if self.phase is not _AUTHENTICATING:
             return  # timed out or closed while the back-off ran
-        assert self._ctx.authenticator is not None
-        self._ctx.authenticator.check(username, password, self._on_auth_verdict)
+        authenticator = self._ctx.authenticator
+        if authenticator is None:  # a reload took passwords away during the back-off
+            self._on_auth_verdict(False)
+            return
+        authenticator.check(username, password, self._on_auth_verdict)
 
     def _on_auth_verdict(self, ok: bool) -> None:
         if self.phase is not _AUTHENTICATING:
             return  # timed out or closed while scrypt ran
         ctx = self._ctx
         why = "auth_failed"
-        if ok and ctx.config.auth.method == "ip_and_password" and self._user != self._ip_user:
-            ok, why = False, "client_not_whitelisted"  # a right password from elsewhere
+        method = ctx.config.auth.method  # the one in force now: a reload may have come
+        if ok and ctx.authenticator is None:
+            ok = False  # passwords are no longer a way in
+        elif ok and method == "ip_and_password":
+            if ctx.whitelisted(self._peer[0], self._ingress_ip) != self._user:
+                ok, why = False, "client_not_whitelisted"  # a right password from elsewhere
         limits = ctx.limits
         if ok:
             limits.auth_succeeded(self._peer[0])
@@ -688,21 +704,28 @@ class Session:
         to_client, mask, claim, log = self._hand_over((host, port), field)
         admitted = self._admitted(None)
         announced = event.host if event.address_type is not _DOMAINNAME else ""
-        assoc = udp.UdpAssociation(
-            ctx,
-            self.client,
-            mask,
-            relay,
-            log=log,
-            started=self._started,
-            ingress_ip=self._ingress_ip,
-            client_ip=policy.normalize_ip(self._peer[0]),
-            announced=(announced, event.port),
-            user_rules=admission.user_rules(ctx, self._user),
-            claim=claim,
-            admitted=admitted,
-            udp_claim=udp_claim,
-        )
+        try:
+            assoc = udp.UdpAssociation(
+                ctx,
+                self.client,
+                mask,
+                relay,
+                log=log,
+                started=self._started,
+                ingress_ip=self._ingress_ip,
+                client_ip=policy.normalize_ip(self._peer[0]),
+                announced=(announced, event.port),
+                user_rules=admission.user_rules(ctx, self._user),
+                claim=claim,
+                admitted=admitted,
+                udp_claim=udp_claim,
+            )
+        except OSError:  # e.g. the loop could not register a socket: give back its places
+            udp_claim.release()
+            if claim is not None:
+                claim.release()
+            relay.close()
+            raise
         try:
             self.client.send(to_client)
         except OSError:
@@ -736,6 +759,7 @@ class Session:
             mask,
             upstream_mask,
             self._admitted(target),
+            type(self._codec) is not HttpServerConnection or self._codec.forwards_input,
         )
 
     def _admitted(self, target: tuple[Any, ...] | None) -> Admitted:
@@ -772,9 +796,10 @@ class Session:
 
     @property
     def method_chosen(self) -> bool:
-        """A SOCKS5 greeting chose a method and the login is not done: a reload that
-        changes auth.method leaves it with a method no longer offered."""
-        return self._protocol == "socks5" and not self._first_byte and self.logging_in
+        """A SOCKS5 greeting (or an HTTP request, its own greeting) chose a method and
+        the login is not done: a reload that changes auth.method leaves it with a method
+        no longer offered."""
+        return self._protocol in ("socks5", "http") and not self._first_byte and self.logging_in
 
     def refilter(self) -> None:
         """A reload's destination rules, on the addresses still to be tried."""

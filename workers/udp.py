@@ -70,18 +70,19 @@ def open_relay_socket(ingress_ip: str, port_range: tuple[int, int] | None) -> so
 
 
 def _bind_in_range(sock: socket.socket, ip: str, port_range: tuple[int, int]) -> None:
-    """Bind to a free port of `port_range`: from a random one on, at most _RANGE_TRIES
-    ports (bind() is a syscall each: a nearly full range is refused, not scanned).
+    """Bind to a free port of `port_range`: _RANGE_TRIES ports drawn at random (bind()
+    is a syscall each: a nearly full range is refused, not scanned; random draws, not a
+    run from one start, so taken ports do not bunch up and refuse a range half empty).
 
     Raises:
         OSError: EADDRINUSE when every port tried is taken; another bind error as is.
     """
     low, high = port_range
     size = high - low + 1
-    start = random.randrange(size)
-    for i in range(min(size, _RANGE_TRIES)):
+    ports = random.sample(range(low, high + 1), min(size, _RANGE_TRIES))
+    for port in ports:
         try:
-            sock.bind((ip, low + (start + i) % size))
+            sock.bind((ip, port))
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE:
                 raise

@@ -274,3 +274,42 @@ def test_chromium_loads_a_page_over_http_and_over_socks5_on_the_same_port(spawn,
         assert f"path=/page-{scheme}" in out.stdout, out.stderr[-2000:]
     protocols = {e["protocol"] for e in proxy.named("tunnel_closed") if e["reply"] == 0}
     assert protocols == {"http", "socks5"}
+
+
+def test_a_forwarded_request_takes_nothing_after_its_head_to_the_origin(spawn, origins):
+    plain, _ = origins
+    proxy = spawn(_config())
+    secret = "Basic YWxpY2U6cHc="  # alice:pw
+    first = (
+        f"GET http://127.0.0.1:{plain.port}/one HTTP/1.1\r\nHost: evil.example\r\n"
+        f"Proxy-Authorization: {secret}\r\nProxy-Foo: x\r\n\r\n"
+    )
+    # The next request, pipelined: it must never reach this origin (its credentials!).
+    second = f"GET /two HTTP/1.1\r\nHost: x\r\nProxy-Authorization: {secret}\r\n\r\n"
+    answer = _raw(proxy.address, (first + second).encode()).decode()
+    assert answer.count("HTTP/1.") == 1 and "path=/one" in answer
+    # Host from the URL, no Proxy-* header at the origin.
+    assert f"host=127.0.0.1:{plain.port} proxy-auth=None proxy-connection=None" in answer
+    body = b"GET http://127.0.0.1/ HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+    auth = b"Proxy-Authorization: " + secret.encode() + b"\r\n"
+    assert _raw(proxy.address, body.replace(b"\r\n\r\n", b"\r\n" + auth + b"\r\n", 1)).startswith(
+        b"HTTP/1.1 411 "
+    )
+
+
+def test_hostile_heads_get_400_or_431_and_crash_nothing(spawn):
+    proxy = spawn(_config(auth=False))
+    for head, status in (
+        (b"CONNECT \xff.example:443 HTTP/1.1\r\nHost: x\r\n\r\n", b"400"),
+        (b"CONNECT a\x01b:443 HTTP/1.1\r\nHost: x\r\n\r\n", b"400"),
+        (b"GET http://[::1/ HTTP/1.1\r\nHost: x\r\n\r\n", b"400"),
+        (b"CONNECT a:1 HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", b"400"),
+        (
+            b"GET http://a/ HTTP/1.1\nHost: a\n"
+            + b"".join(b"X-%d: 1\n" % i for i in range(300))
+            + b"\n",
+            b"431",
+        ),
+    ):
+        assert _raw(proxy.address, head).split(b" ", 2)[1] == status, head[:40]
+    assert not proxy.named("session_crashed")

@@ -188,3 +188,28 @@ def test_a_reload_that_drops_the_whitelist_revokes_the_ip_users_tunnels(spawn, t
     assert recv_exact(by_password, 5) == b"still"
     by_ip.close()
     by_password.close()
+
+
+def test_credentials_sent_from_a_whitelisted_address_are_checked_and_win(spawn, target):
+    proxy = spawn(_config("ip_or_password"))
+    ingress = proxy.listen[0]
+    # bob behind alice's NAT: his own account, not hers.
+    sock, chosen, status = _greet(ingress, "127.0.0.1", b"\x00\x02", ("bob", "bob-pw"))
+    assert (chosen, status) == (2, 0)
+    _connect(sock, target.port)
+    sock.close()
+    sock, chosen, status = _greet(ingress, "127.0.0.1", b"\x00\x02", ("bob", "wrong"))
+    assert (chosen, status) == (2, 1), "a wrong password is not saved by the address"
+    sock.close()
+    line = proxy.wait_for("tunnel_closed", lambda e: e.get("reply") == 0)
+    assert line["user"] == "bob" and "login" not in line
+
+
+def test_an_http_client_nobody_whitelisted_gets_403_under_ip(spawn, target):
+    proxy = spawn('protocols = ["socks5", "http"]\n' + _config("ip"))
+    host, port = proxy.listen[1]  # not alice's ingress IP
+    with socket.create_connection((host, port), timeout=TIMEOUT) as sock:
+        sock.sendall(f"CONNECT 127.0.0.1:{target.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert sock.recv(100).startswith(b"HTTP/1.1 403 ")
+    failed = proxy.wait_for("handshake_failed")
+    assert failed["reason"] == "client_not_whitelisted" and failed["http_status"] == 403

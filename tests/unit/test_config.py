@@ -206,3 +206,29 @@ def test_users_known_by_their_address():
     for auth, access, message in bad:
         with pytest.raises(ConfigError, match=message):
             parse_config({**base, "auth": auth, "access": access}, "t")
+
+
+def test_a_users_own_networks_may_nest_and_socks4_userids_end_under_ip_methods():
+    from socksd.access import ClientPolicy, DestinationPolicy, Net
+    from socksd.revocation import Grant, revoked_by
+    from socksd.whitelist import ClientUsers
+
+    users = ClientUsers({"a": [Net.parse("10.0.0.0/8"), Net.parse("10.1.0.0/16")]})
+    assert users.user_of("10.200.0.1") == "a" and users.user_of("10.1.2.3") == "a"
+    config = parse_config(
+        {
+            "listen": ["127.0.0.1:1080"],
+            "protocols": ["socks5", "socks4"],
+            "auth": {"method": "ip_or_password", "users": {"a": hash_password("x")}},
+            "access": {"users": {"a": {"clients": ["10.0.0.0/8"]}}},
+        },
+        "t",
+    )
+    clients = ClientPolicy(config.access.clients, loopback_only=False)
+    destinations = DestinationPolicy(config.access.destinations, [("127.0.0.1", 1080)])
+    whitelist = ClientUsers({"a": config.access.users["a"].clients})
+    # A SOCKS4 tunnel named "a" by its USERID under "password", after the switch:
+    userid = Grant("socks4", "192.0.2.9", "127.0.0.1", "a", None, None)
+    assert revoked_by(userid, config, clients, destinations, whitelist) == "auth.method"
+    same = Grant("socks4", "10.0.0.9", "127.0.0.1", "a", None, None)
+    assert revoked_by(same, config, clients, destinations, whitelist) is None
