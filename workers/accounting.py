@@ -4,7 +4,7 @@ Owns: `Usage` (what one user's or ingress IP's closed tunnels and associations m
 and its refusals), `Ledger` (the accounts; a closing connection's bytes; the report of
 the accounts whose figures changed, open connections included; when a long
 connection's `tunnel_usage` record is due and what it says), in the shape
-`socksd.usage` defines.
+`socksd.usage` defines; logging a due record (`workers.events` spells the line).
 Must not: touch sockets or count bytes itself: a connection's own counters (moved by
 each send and splice result) are read through its `moved()`; send anything
 (`workers.reporter` does).
@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from socksd.usage import FIELDS, NO_USER, Report
+from workers.events import tunnel_usage
 
 Moved = tuple[int, int, int, int]  # bytes up, bytes down, datagrams up, datagrams down
 # A connection's last `tunnel_usage` record: what it had moved then, its number, and
@@ -78,6 +79,14 @@ class Usage:
 
 
 assert len(FIELDS) == 9  # Usage.row() writes them in this order
+
+
+def record_due(ledger: Ledger, conn: Any, log: Any, now: float) -> None:
+    """`conn` (a relay or an association) owes a record: its `tunnel_usage` line, if
+    anything moved since the previous one, logged with `log` (its bound logger)."""
+    fields, conn.recorded = ledger.record(conn.moved(), conn.recorded, conn.started, now, conn.udp)
+    if fields is not None:
+        tunnel_usage(log, conn.started, now, fields)
 
 
 class Ledger:

@@ -25,9 +25,9 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from socksd.revocation import Admitted, Grant, handed_over
-from workers.accounting import Moved, Recorded
+from workers.accounting import Moved, Recorded, record_due
 from workers.egress import abort
-from workers.events import errno_name, tunnel_closed, tunnel_usage
+from workers.events import errno_name, tunnel_closed
 from workers.limits import Claim
 from workers.loop import EVENT_READ, EVENT_WRITE
 from workers.pipes import PIPE_SIZE, Pipe
@@ -378,10 +378,7 @@ class Relay:
         """A due `tunnel_usage` line (the accounting sweep calls it)."""
         ledger = self._ctx.ledger
         assert ledger is not None
-        now = self._loop.now
-        fields, self.recorded = ledger.record(self.moved(), self.recorded, self.started, now, False)
-        if fields is not None:
-            tunnel_usage(self._log, self.started, now, fields)
+        record_due(ledger, self, self._log, self._loop.now)
 
     def describe(self) -> tuple[Any, str, float, int, int]:
         """For `socksd tunnels`: the bound logger (its context: conn_id, client, user,

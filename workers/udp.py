@@ -26,9 +26,9 @@ from socksd.config import hostport
 from socksd.handlers import ReadOnlyHandler
 from socksd.revocation import Admitted, Grant, handed_over
 from socksd.socks5_udp import encode_udp_header, parse_udp_datagram
-from workers.accounting import Moved, Recorded
+from workers.accounting import Moved, Recorded, record_due
 from workers.context import WorkerContext
-from workers.events import Refused, errno_name, tunnel_closed, tunnel_usage
+from workers.events import Refused, errno_name, tunnel_closed
 from workers.limits import Claim, UdpClaim
 from workers.loop import EVENT_READ
 from workers.pressure import IpCounters
@@ -376,10 +376,7 @@ class UdpAssociation:
         """A due `tunnel_usage` line (the accounting sweep calls it)."""
         ledger = self._ctx.ledger
         assert ledger is not None
-        now = self._loop.now
-        fields, self.recorded = ledger.record(self.moved(), self.recorded, self.started, now, True)
-        if fields is not None:
-            tunnel_usage(self._log, self.started, now, fields)
+        record_due(ledger, self, self._log, self._loop.now)
 
     def describe(self) -> tuple[Any, str, float, int, int]:
         """For `socksd tunnels`: the bound logger, the kind, the loop time it started,
