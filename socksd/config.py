@@ -603,6 +603,19 @@ def _parse_udp(t: _Table) -> UdpConfig:
     return UdpConfig(advertise=advertise, port_range=port_range)
 
 
+def _check_advertised(udp: UdpConfig, listen: tuple[ListenAddress, ...]) -> None:
+    """An advertised ingress that no listen address can be (not listed, and no
+    wildcard of its family) would never be used: a typo, said now."""
+    hosts = {a.host for a in listen}
+    for ingress in udp.advertise:
+        wildcard = "::" if ":" in ingress else "0.0.0.0"
+        if ingress not in hosts and wildcard not in hosts:
+            raise ConfigError(
+                f"udp.advertise: ingress {ingress} is not a listen address (listen: "
+                f"{', '.join(sorted(hosts))})"
+            )
+
+
 def _count(t: _Table, name: str, default: int, hi: int = 1 << 30) -> int:
     value = t.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= hi:
@@ -826,6 +839,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     mt.done()
 
     udp = _parse_udp(root.table("udp"))
+    _check_advertised(udp, listen)
 
     at = root.table("accounting")
     accounting = AccountingConfig(

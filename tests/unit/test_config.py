@@ -128,7 +128,10 @@ def test_parse_listen_forms():
 
 
 def test_udp_behind_nat_settings():
-    base = {"listen": ["127.0.0.1:1080"]}
+    base = {
+        "listen": ["127.0.0.1:1080", "10.0.0.5:1080", "[::]:1080"],
+        "access": {"clients": [{"action": "allow", "from": ["10.0.0.0/8"]}]},
+    }
     config = parse_config(
         {
             **base,
@@ -154,6 +157,7 @@ def test_udp_behind_nat_settings():
         ({"port_range": [5, 4]}, "port_range"),
         ({"port_range": [0, 4]}, "port_range"),
         ({"port": 1}, "udp.port: unknown key"),
+        ({"advertise": [{"ingress": "10.0.0.6", "address": "1.2.3.4"}]}, "not a listen"),
     ]
     for udp, message in bad:
         with pytest.raises(ConfigError, match=message):
