@@ -37,7 +37,6 @@ from socksd.codec import (
     NEED_DATA,
     AddressType,
     AuthStatus,
-    BufferedCodec,
     Command,
     CommandReply,
     CommandRequest,
@@ -116,8 +115,9 @@ _AUTH_REQUIRED = response(407, b'Proxy-Authenticate: Basic realm="socksd"\r\n')
 _ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
 
-class HttpServerConnection(BufferedCodec):
-    """One HTTP client's request, from its head to the tunnel (``ServerCodec``)."""
+class HttpServerConnection:
+    """One HTTP client's request, from its head to the tunnel (``ServerCodec``). Its
+    buffering is h11's (or `_rest`'s), not ``BufferedCodec``'s."""
 
     __slots__ = ("_h11", "_state", "_request", "_credentials", "_head", "_rest", "status")
 

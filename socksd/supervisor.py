@@ -40,7 +40,7 @@ from typing import Any
 import setproctitle
 
 from socksd import logs, metrics, notify, reloading, stats, usage
-from socksd.channel import ANSWER, APPLIED, CONFIG, QUERY, USAGE, Channel, ChannelError
+from socksd.channel import ANSWER, APPLIED, CONFIG, QUERY, USAGE, Channel, ChannelError, Frame
 from socksd.config import Config, ListenAddress, users_file_path
 from socksd.control import (
     Endpoint,
@@ -352,6 +352,10 @@ class Supervisor:
         if frames is None:  # EOF: the worker is exiting (or gone); the reaper sees it
             self._close_link(proc)
             return
+        self._take(proc, frames)
+
+    def _take(self, proc: Proc, frames: list[Frame]) -> None:
+        """A worker's frames: usage reports, query answers, reload answers."""
         for frame in frames:
             if frame.kind == USAGE:
                 self.usage.feed(proc.view.pid, frame.body)
@@ -390,12 +394,9 @@ class Supervisor:
             # A write to an exiting worker failed: its last usage report may already
             # be in our receive buffer. Take it before closing.
             try:
-                frames = link.read() or []
+                self._take(proc, link.read() or [])
             except ChannelError:
-                frames = []
-            for frame in frames:
-                if frame.kind == USAGE:
-                    self.usage.feed(proc.view.pid, frame.body)
+                pass  # nothing more can be read from it
         self.sel.unregister(link.fileno())
         link.close()
         self._forget_answers(proc)

@@ -114,10 +114,11 @@ class Ledger:
         down), and for an association datagrams (up, down) too; None when it had none
         (then its totals are all unreported)."""
         user = admitted[_USER]
-        u = self.users.get(NO_USER if user is None else user) or self._account(
-            self.users, NO_USER if user is None else user
-        )
-        i = self.ingress.get(admitted[_INGRESS]) or self._account(self.ingress, admitted[_INGRESS])
+        name = NO_USER if user is None else user
+        ingress = admitted[_INGRESS]
+        # .get() first: the account exists almost always, and this skips a call.
+        u = self.users.get(name) or self._account(self.users, name)
+        i = self.ingress.get(ingress) or self._account(self.ingress, ingress)
         up, down = moved[0], moved[1]
         if udp:
             for usage in (u, i):
