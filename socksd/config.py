@@ -71,6 +71,8 @@ class Timeouts:
     idle: float = 300.0
     bind: float = 60.0  # BIND: how long the listener waits for the expected peer
     udp_idle: float = 120.0  # UDP ASSOCIATE: an association with no datagram this long ends
+    # HTTP: how long a kept-alive client connection may wait for its next request.
+    http_keepalive: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,19 +7,19 @@ Owns:
     is method 0x02, none is 0x00), ``UserPassAuth`` from it, and a ``CommandRequest``
     (CONNECT) for ``CONNECT host:port`` or an absolute-form request
     (``GET http://host/path``); the answers as HTTP responses: 200 for a CONNECT
-    tunnel, 407 with ``Proxy-Authenticate``, 403, 502, 504, 400, 431; and for an
-    absolute-form request the head rewritten for the origin.
+    tunnel, 407 with ``Proxy-Authenticate``, 403, 408, 502, 504, 400, 431; and for an
+    absolute-form request the request the origin gets (``origin``), whose exchange
+    `socksd.forwarding` carries on with the same h11 connection.
 
 Must not:
     Touch sockets, decide policy (the session does: users, rules, limits, egress), or
     relay bytes (the relay does, as for a SOCKS tunnel).
 
-Absolute-form requests: a request without a body (411 otherwise) goes to its origin
-in origin form with Host from the URL, ``Proxy-*`` and the hop-by-hop headers removed
-(RFC 9110 section 7.6.1) and ``Connection: close``; the response streams back as it
-comes, and the connection ends with it (one request per client connection: a client
-opens another for the next). Whatever the client sends after the head is dropped,
-never forwarded. Only ``http://`` URLs.
+Absolute-form requests (only ``http://`` URLs) go to their origin in origin form with
+Host from the URL, ``Proxy-*`` and the hop-by-hop fields removed (RFC 9110 section
+7.6.1) and ``Connection: close``: every request gets its own upstream, so the next
+one on a kept-alive client connection (to any host) is admitted, resolved and
+connected anew, and the origin, closing first, keeps the TIME_WAIT.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ MAX_HEADERS: Final = 100
 _NO_CREDENTIALS = (Method.NO_AUTH,)
 _WITH_CREDENTIALS = (Method.NO_AUTH, Method.USERNAME_PASSWORD)
 # RFC 9110 section 7.6.1: meant for one hop only, never forwarded (Transfer-Encoding is
-# hop-by-hop too, but the body is relayed as it was framed, so its framing stays).
+# too, but a request's body goes on framed as the client framed it, and h11 frames a
+# response for the client: `hop_by_hop()` says which).
 _HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -94,11 +95,24 @@ _REASONS = {
     400: b"Bad Request",
     403: b"Forbidden",
     405: b"Method Not Allowed",
-    411: b"Length Required",
     407: b"Proxy Authentication Required",
+    408: b"Request Timeout",
     431: b"Request Header Fields Too Large",
     502: b"Bad Gateway",
     504: b"Gateway Timeout",
+}
+
+
+# The SOCKS reply code of a `tunnel_closed` line for a request refused before it named
+# a target (0: no answer was sent): the line of every protocol says "refused" alike.
+REPLY_OF_STATUS: Final = {
+    0: Reply.GENERAL_FAILURE,
+    400: Reply.GENERAL_FAILURE,
+    403: Reply.NOT_ALLOWED,
+    405: Reply.COMMAND_NOT_SUPPORTED,
+    407: Reply.NOT_ALLOWED,
+    408: Reply.TTL_EXPIRED,
+    431: Reply.GENERAL_FAILURE,
 }
 
 
@@ -119,17 +133,19 @@ class HttpServerConnection:
     """One HTTP client's request, from its head to the tunnel (``ServerCodec``). Its
     buffering is h11's (or `_rest`'s), not ``BufferedCodec``'s."""
 
-    __slots__ = ("_h11", "_state", "_request", "_credentials", "_head", "_rest", "status")
+    __slots__ = ("_h11", "_state", "_request", "_credentials", "origin", "_rest", "status")
 
-    def __init__(self, max_buffer: int) -> None:
+    def __init__(self, max_buffer: int, parser: h11.Connection | None = None) -> None:
+        """`parser`: the client's h11 connection when this is its next request on a
+        kept-alive connection (with what it sent already buffered)."""
         # The head is bounded by HEAD_MAX (431 over it), not by the SOCKS allowance.
         # Made only when the fast path below does not take the request.
-        self._h11: h11.Connection | None = None
+        self._h11 = parser
         self._rest = b""  # input after a head the fast path took
         self._state = State.GREETING
         self._request: CommandRequest | None = None
         self._credentials: tuple[bytes, bytes] | None = None
-        self._head = b""  # an absolute-form request's head as the origin gets it
+        self.origin: h11.Request | None = None  # an absolute-form request, for the origin
         self.status = 0  # the status of the response sent, once one was
 
     @property
@@ -138,18 +154,15 @@ class HttpServerConnection:
 
     @property
     def trailing_data(self) -> bytes:
-        if self._head:
-            return self._head  # a forwarded request: nothing after its head goes on
         if self._h11 is None:
             return self._rest
         return bytes(self._h11.trailing_data[0])
 
-    @property
-    def forwards_input(self) -> bool:
-        """False for a forwarded (absolute-form) request: the client's later bytes are
-        read and dropped, never sent to the origin (the next request would carry its
-        Proxy-Authorization there)."""
-        return not self._head
+    def take_parser(self) -> h11.Connection:
+        """The client's h11 connection, for the exchange of an absolute-form request
+        (its body, its response, the next request)."""
+        assert self._h11 is not None and self.origin is not None
+        return self._h11
 
     def _parser(self) -> h11.Connection:
         if self._h11 is None:
@@ -288,12 +301,7 @@ class HttpServerConnection:
         host, port = _authority(authority, default_port=80)
         if host is None:
             self._fail(400, "http_bad_target")
-        for name, value in request.headers:
-            # Only a request without a body is forwarded: what follows its head is never
-            # sent on (it could be the next request, with its Proxy-Authorization).
-            if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
-                self._fail(411, "http_request_body_not_supported")
-        self._head = _origin_head(request, authority, url)
+        self.origin = _origin_request(request, authority, url)
         return CommandRequest(Command.CONNECT, _address_type(host), host, port)
 
     @staticmethod
@@ -340,11 +348,15 @@ class HttpServerConnection:
         status = 504 if reason in _TIMEOUTS else STATUS_OF_REPLY.get(reply, 502)
         return self._close(status, response(status))
 
+    def timed_out(self) -> bytes:
+        """The answer to a request head not whole within the handshake timeout."""
+        return self._close(408, response(408))
+
     def send_success(self, address: str, port: int) -> bytes:
         if self._state is not State.SEND_REPLY:
             raise LocalProtocolError(f"send_success() in {self._state.name}")
         self._state = State.RELAYING
-        if self._head:
+        if self.origin is not None:
             return b""  # absolute form: the origin's own response is the answer
         self.status = 200
         return _ESTABLISHED
@@ -390,25 +402,37 @@ def _address_type(host: str) -> AddressType:
     return kind
 
 
-def _origin_head(request: h11.Request, authority: str, url: SplitResult) -> bytes:
-    """The request line in origin form, in the client's HTTP version, and the headers
-    the origin may see: Host from the URL (RFC 9112 section 3.2.2), no Proxy-* and no
-    hop-by-hop header, those the client's Connection names included (but never Host
-    or the framing ones), and Connection: close."""
+def hop_by_hop(headers: Iterable[tuple[bytes, bytes]], framing: bool = False) -> frozenset[bytes]:
+    """The (lower-case) names in `headers` meant for one hop only (RFC 9110 section
+    7.6.1): the usual ones and those its Connection field names, never Host;
+    `framing`: the framing ones too (a response, which h11 frames for the client)."""
+    named = set(_HOP_BY_HOP)
+    for name, value in headers:
+        if name == b"connection":
+            named.update(token.strip().lower() for token in value.split(b","))
+    named.discard(b"host")
+    if framing:
+        named.add(b"transfer-encoding")
+    else:
+        named -= _FRAMING
+    return frozenset(named)
+
+
+def _origin_request(request: h11.Request, authority: str, url: SplitResult) -> h11.Request:
+    """The request the origin gets: origin form (RFC 9112 section 3.2.1), Host from
+    the URL (section 3.2.2), no Proxy-* and no hop-by-hop field, the client's framing,
+    and Connection: close (the origin closes first and keeps the TIME_WAIT)."""
     path = url.path or "/"
     if url.query:
         path += "?" + url.query
-    named = set(_HOP_BY_HOP)
-    for name, value in request.headers:
-        if name == b"connection":
-            named.update(token.strip().lower() for token in value.split(b","))
-    named -= {b"host", *_FRAMING}
-    version = request.http_version
-    lines = [b"%s %s HTTP/%s" % (request.method, path.encode("ascii", "replace"), version)]
-    lines.append(b"host: " + authority.encode("ascii", "replace"))
-    for name, value in request.headers:
-        if name in named or name == b"host" or name.startswith(b"proxy-"):
+    drop = hop_by_hop(request.headers)
+    headers = [(b"Host", authority.encode("ascii", "replace"))]
+    for name, value in request.headers.raw_items():
+        lower = name.lower()
+        if lower in drop or lower == b"host" or lower.startswith(b"proxy-"):
             continue
-        lines.append(name + b": " + value)
-    lines.append(b"connection: close")
-    return b"\r\n".join(lines) + b"\r\n\r\n"
+        headers.append((name, value))
+    headers.append((b"Connection", b"close"))
+    return h11.Request(
+        method=request.method, target=path.encode("ascii", "replace"), headers=headers
+    )

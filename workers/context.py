@@ -57,6 +57,7 @@ class WorkerContext:
     open: set[Closable] = field(default_factory=set)
     # Sessions whose handshake or connect deadline runs (watched by DeadlineSweep).
     handshakes: set[Any] = field(default_factory=set)
+    draining: bool = False  # the worker is stopping: kept-alive HTTP connections close
     _conn_seq: int = 0
     # Derived from the config by use_config() (at start, and by every reload):
     authenticator: Authenticator | None = None  # None: no method takes passwords

@@ -175,6 +175,11 @@ class Worker:
         self.acceptors = []
         timeout = self.ctx.config.shutdown_timeout  # a reload may have changed it
         self._drain_deadline = self.loop.now + timeout
+        self.ctx.draining = True
+        # A kept-alive HTTP connection between requests closes now (an HTTP client
+        # retries on a new one); one with a request under way closes after its response.
+        for conn in [c for c in self.ctx.open if getattr(c, "between_requests", False)]:
+            conn.close("worker_draining")
         self.log.info("worker_draining", open=len(self.ctx.open), timeout_s=timeout)
         self._check_drained()
 

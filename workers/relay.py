@@ -121,26 +121,6 @@ class _Side:
         self.relay.crash(exc)
 
 
-class _DropSide(_Side):
-    """A client whose further input is read and dropped: a forwarded HTTP request's
-    (its head went upstream; what follows may be the next request, which must not
-    reach this origin)."""
-
-    __slots__ = ()
-
-    def on_readable(self) -> None:
-        relay = self.relay
-        try:
-            n = self.sock.recv_into(relay._view, relay._size)
-        except BlockingIOError:
-            return
-        except _DISCONNECTS as exc:
-            relay._abort(self, exc)
-            return
-        if n == 0:
-            relay._eof(self)
-
-
 class Relay:
     """Bidirectional non-blocking relay with back-pressure and half-close."""
 
@@ -180,12 +160,10 @@ class Relay:
         client_mask: int,
         upstream_mask: int,
         admitted: Admitted,
-        client_input: bool = True,
     ) -> None:
         """Take over two connected sockets, with their loop registrations (masks, 0:
         none), the bytes owed to each, the tunnel's bound logger and what it was
-        admitted on (re-checked by a reload); `client_input` False: what the client
-        sends from now on is dropped (a forwarded HTTP request)."""
+        admitted on (re-checked by a reload)."""
         self._ctx = ctx
         self.admitted = admitted
         self.recorded: Recorded | None = None  # its last tunnel_usage record
@@ -203,8 +181,7 @@ class Relay:
         # Who sent the first FIN on the upstream connection decides who keeps its
         # 4-tuple in TIME_WAIT: if we did, that quad is not reusable for a while.
         self._target_closed_first = False
-        side = _Side if client_input else _DropSide
-        c = self.client = side(client, client_fd, self, client_mask)
+        c = self.client = _Side(client, client_fd, self, client_mask)
         u = self.upstream = _Side(upstream, upstream.fileno(), self, upstream_mask)
         c.peer = u
         u.peer = c
@@ -423,25 +400,48 @@ class Relay:
                 # Bytes still in the pipe belong to this tunnel: never lend them out.
                 close_pipe(side.pipe)
                 side.pipe = None
-        now = loop.now
-        moved = self.moved()
-        bytes_up, bytes_down = moved[0], moved[1]
-        ctx = self._ctx
-        counters = ctx.counters
-        counters.open_tunnels -= 1
-        counters.tunnels_closed += 1
-        counters.bytes_up += bytes_up
-        counters.bytes_down += bytes_down
-        ledger = ctx.ledger
-        unreported = None
-        if ledger is not None:
-            unreported = ledger.closed(self.admitted, False, moved, self.recorded)
-        tunnel_closed(self._log, reason, self.started, now, bytes_up, bytes_down, 0, unreported)
-        ctx.open.discard(self)
         # Break the relay <-> side cycles: freed by refcounting now, not left to the
         # cyclic GC (whose young collections cost ~3 % of a busy worker's CPU).
         del c.relay, c.peer, u.relay, u.peer
-        if self._lease is not None:
-            self._lease.release(now, not abortive and not self._target_closed_first)
-        if self._claim is not None:
-            self._claim.release()
+        time_wait = not abortive and not self._target_closed_first
+        settle(self._ctx, self, self._log, reason, self._lease, self._claim, None, time_wait)
+
+
+def settle(
+    ctx: WorkerContext,
+    tunnel: Any,
+    log: Any,
+    reason: str,
+    lease: TargetCounters | None,
+    claim: Claim | None,
+    http_status: int | None = None,
+    time_wait: bool = False,
+) -> None:
+    """The books of a TCP tunnel (a relay, a forwarded HTTP request) whose sockets just
+    closed: the worker's counters, its user's and ingress IP's accounts, its one
+    `tunnel_closed` line (with `http_status`, if any), its egress lease (`time_wait`:
+    we closed first) and its place in the limits."""
+    now = ctx.loop.now
+    moved = tunnel.moved()
+    bytes_up, bytes_down = moved[0], moved[1]
+    counters = ctx.counters
+    counters.open_tunnels -= 1
+    counters.tunnels_closed += 1
+    counters.bytes_up += bytes_up
+    counters.bytes_down += bytes_down
+    ledger = ctx.ledger
+    unreported = None
+    if ledger is not None:
+        unreported = ledger.closed(tunnel.admitted, False, moved, tunnel.recorded)
+    started = tunnel.started
+    if http_status is None:
+        tunnel_closed(log, reason, started, now, bytes_up, bytes_down, 0, unreported)
+    else:
+        tunnel_closed(
+            log, reason, started, now, bytes_up, bytes_down, 0, unreported, http_status=http_status
+        )
+    ctx.open.discard(tunnel)
+    if lease is not None:
+        lease.release(now, time_wait)
+    if claim is not None:
+        claim.release()

@@ -34,6 +34,8 @@ from collections.abc import Callable
 from enum import Enum, auto
 from typing import Any
 
+import h11
+
 from socksd import access, policy
 from socksd.codec import (
     NEED_DATA,
@@ -53,7 +55,7 @@ from socksd.codec import (
     UserPassAuth,
 )
 from socksd.config import hostport
-from socksd.http import HttpServerConnection
+from socksd.http import REPLY_OF_STATUS, HttpServerConnection
 from socksd.revocation import IP_LOGIN, Admitted, Grant
 from socksd.socks4 import Socks4ServerConnection
 from socksd.socks5 import Socks5ServerConnection, choose_method
@@ -62,6 +64,7 @@ from workers import admission, bind, egress, udp
 from workers.bind import BindWaiter
 from workers.context import WorkerContext
 from workers.events import Refused, errno_name, tunnel_closed
+from workers.forward import Forward
 from workers.limits import Claim
 from workers.loop import EVENT_READ, EVENT_WRITE, Timer
 from workers.pressure import TargetCounters
@@ -285,7 +288,9 @@ class Session:
             self._update()
         elif self._first_byte:
             self._first_byte = False
-            if data[0] != 5 or self._ctx.socks5_off:
+            if self._protocol == "http":  # the next request on a kept-alive connection
+                self.deadline = self._loop.now + self._ctx.config.timeouts.handshake
+            elif data[0] != 5 or self._ctx.socks5_off:
                 if not self._pick_front_door(data[0]):
                     return
             elif not self._ctx.ip_auth:  # with "ip..." methods the answer needs a look-up
@@ -399,7 +404,7 @@ class Session:
             if http:
                 if reason != "client_not_whitelisted":
                     reason = "http_proxy_auth_required"
-                self._handshake_failed(reason, http_status=codec.status)
+                self._handshake_failed(reason)
                 return
             self._handshake_failed(reason, offered=list(event.methods))
         elif ip_user is not None and method == Method.NO_AUTH:
@@ -501,6 +506,8 @@ class Session:
         self._learned(
             {"target": hostport(event.host, event.port), "command": _COMMAND_NAMES[event.command]}
         )
+        if self._protocol == "http" and self._codec.origin is not None:  # type: ignore[attr-defined]
+            self._learned({"http_method": self._codec.origin.method.decode()})  # type: ignore[attr-defined]
         try:
             if self._protocol == "socks4":
                 userid = self._codec.userid  # type: ignore[attr-defined]  # SOCKS4's own
@@ -742,7 +749,11 @@ class Session:
         target: tuple[Any, ...],
     ) -> None:
         """Hand the client and `upstream` (connected to `target`: CONNECT, or BIND's
-        peer) to a Relay."""
+        peer) to a Relay; an absolute-form HTTP request to its exchange."""
+        codec = self._codec
+        if type(codec) is HttpServerConnection and codec.origin is not None:
+            self._forward(upstream, bound, lease, upstream_mask, target)
+            return
         to_client, mask, claim, log = self._hand_over(bound, "egress")
         log.debug("tunnel_opened")
         Relay(
@@ -759,8 +770,71 @@ class Session:
             mask,
             upstream_mask,
             self._admitted(target),
-            type(self._codec) is not HttpServerConnection or self._codec.forwards_input,
         )
+
+    def _forward(
+        self,
+        upstream: socket.SocketType,
+        bound: tuple[Any, ...],
+        lease: TargetCounters | None,
+        upstream_mask: int,
+        target: tuple[Any, ...],
+    ) -> None:
+        """An absolute-form HTTP request: its body, its response and what follows them
+        are the exchange's (`workers.forward`)."""
+        codec: Any = self._codec
+        parser, request = codec.take_parser(), codec.origin
+        to_client, mask, claim, log = self._hand_over(bound, "egress")
+        log.debug("tunnel_opened")
+        Forward(
+            self._ctx,
+            (self.client, self._fd, mask),
+            (upstream, upstream_mask),
+            parser,
+            request,
+            to_client,
+            log,
+            self._started,
+            lease,
+            claim,
+            self._admitted(target),
+            self._keep_alive,
+        )
+
+    def _keep_alive(self, parser: h11.Connection) -> None:
+        """The exchange ended and the client's connection stays: a session for its next
+        request (conn_id is the request's; `request` counts them on the connection)."""
+        number = self._context.get("request", 1) + 1
+        Session.next_request(self._ctx, self.client, self._peer, self._ingress_ip, parser, number)
+
+    @classmethod
+    def next_request(
+        cls,
+        ctx: WorkerContext,
+        client: socket.SocketType,
+        peer: tuple[Any, ...],
+        ingress_ip: str,
+        parser: h11.Connection,
+        number: int,
+    ) -> Session:
+        """A session for the `number`th request of a kept-alive HTTP connection; it waits
+        `timeouts.http_keepalive` for the request to begin (then the handshake timeout
+        runs), and takes one the client sent already at once (pipelining)."""
+        self = cls(ctx, client, peer, ingress_ip)
+        self._codec = HttpServerConnection(HANDSHAKE_BUFFER, parser)
+        self._protocol = "http"
+        self._learned({"protocol": "http", "request": number})
+        if parser.trailing_data[0]:
+            self._first_byte = False
+        else:
+            self.deadline = self._loop.now + ctx.config.timeouts.http_keepalive
+        self._process()
+        return self
+
+    @property
+    def between_requests(self) -> bool:
+        """A kept-alive HTTP connection waiting for its next request to begin."""
+        return self._first_byte and self._protocol == "http"
 
     def _admitted(self, target: tuple[Any, ...] | None) -> Admitted:
         """What the new owner keeps for a reload's re-check (`revocation.handed_over`)."""
@@ -848,6 +922,11 @@ class Session:
 
     def _on_timeout(self) -> None:
         if self.phase in (_HANDSHAKE, _AUTHENTICATING):
+            codec = self._codec
+            if type(codec) is HttpServerConnection and not self.between_requests:
+                # RFC 9110 section 15.5.9: the head did not come whole in time.
+                self._handshake_failed("handshake_timeout", drain=self._write(codec.timed_out()))
+                return
             self._handshake_failed("handshake_timeout", drain=False)
         elif self.phase in (_RESOLVING, _CONNECTING):
             self._reply_failure(Reply.TTL_EXPIRED, "connect_timeout")
@@ -893,15 +972,34 @@ class Session:
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         delivered = bool(exc.reply) and self._write(exc.reply)
-        codec = self._codec
-        if type(codec) is HttpServerConnection:
-            self._handshake_failed(exc.reason, drain=delivered, http_status=codec.status)
-            return
         self._handshake_failed(exc.reason, drain=delivered)
 
     def _handshake_failed(self, reason: str, drain: bool = True, **fields: Any) -> None:
-        self._ctx.counters.handshake_failed(reason)
-        self.log.info("handshake_failed", reason=reason, duration_ms=self._elapsed_ms(), **fields)
+        codec = self._codec
+        if type(codec) is not HttpServerConnection:
+            self._ctx.counters.handshake_failed(reason)
+            self.log.info(
+                "handshake_failed", reason=reason, duration_ms=self._elapsed_ms(), **fields
+            )
+        elif self.between_requests:
+            # A kept-alive connection that ends (closed, idle, a stopping worker) before
+            # its next request: its requests had their lines, this is no request.
+            self.log.debug("keepalive_closed", reason=reason)
+            drain = False
+        else:
+            # HTTP: every request gets one tunnel_closed line with its status, answered
+            # or refused (an access log), the line a SOCKS refusal gets past its request.
+            self._ctx.counters.handshake_failed(reason)
+            status = codec.status
+            tunnel_closed(
+                self.log,
+                reason,
+                self._started,
+                self._loop.now,
+                reply=REPLY_OF_STATUS.get(status, Reply.GENERAL_FAILURE),
+                http_status=status,
+                **fields,
+            )
         if drain:
             self._drain()
         else:

@@ -18,6 +18,7 @@ from typing import Any
 
 from socksd.config import Config
 from workers.accounting import Ledger
+from workers.forward import Forward
 from workers.loop import Loop
 from workers.relay import Relay
 from workers.session import Session
@@ -66,7 +67,8 @@ def _deadline_passed(session: Session, now: float) -> bool:
 
 
 def _relay_quiet(conn: object, cutoff: float) -> bool:
-    return type(conn) is Relay and conn.quiet_since() <= cutoff
+    kind = type(conn)
+    return (kind is Relay or kind is Forward) and conn.quiet_since() <= cutoff  # type: ignore[attr-defined]
 
 
 def _association_quiet(conn: object, cutoff: float) -> bool:
@@ -77,7 +79,7 @@ def _never(conn: object, now: float) -> bool:
     return False
 
 
-def _record_usage(conn: Relay | UdpAssociation) -> None:
+def _record_usage(conn: Relay | Forward | UdpAssociation) -> None:
     conn.record_usage()
 
 
@@ -88,7 +90,7 @@ def _usage_due(ledger: Ledger) -> Callable[[Any, float], bool]:
     return due
 
 
-def _cut_relay(relay: Relay) -> None:
+def _cut_relay(relay: Relay | Forward) -> None:
     relay.close("idle_timeout", abortive=True)
 
 

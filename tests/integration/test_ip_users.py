@@ -211,5 +211,7 @@ def test_an_http_client_nobody_whitelisted_gets_403_under_ip(spawn, target):
     with socket.create_connection((host, port), timeout=TIMEOUT) as sock:
         sock.sendall(f"CONNECT 127.0.0.1:{target.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         assert sock.recv(100).startswith(b"HTTP/1.1 403 ")
-    failed = proxy.wait_for("handshake_failed")
+    # HTTP: the refused request's one tunnel_closed line, with its status.
+    failed = proxy.wait_for("tunnel_closed")
     assert failed["reason"] == "client_not_whitelisted" and failed["http_status"] == 403
+    assert failed["protocol"] == "http" and failed["reply"] == 2
