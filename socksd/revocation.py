@@ -132,14 +132,17 @@ def revoked_by(
             # address may say who it is (and ip_and_password takes no SOCKS4 at all).
             if method == "ip_and_password" or client_users.user_of(grant.client_ip) != user:
                 return AUTH_REQUIRED
+        elif method == "ip":
+            # Passwords are no longer a way in, but a login from the user's own address
+            # would be that user now without one: it stays (its ingress is checked below).
+            if client_users.user_of(grant.client_ip) != user:
+                return AUTH_REQUIRED
         else:
             stored = config.auth.users.get(user)
             if stored is None and (grant.credential is not None or "ip" not in method):
                 return USER_REMOVED
             if grant.credential is not None and stored != grant.credential:
                 return PASSWORD_CHANGED
-            if method == "ip" and grant.credential is not None:
-                return AUTH_REQUIRED  # passwords are no longer a way in
             if method == "ip_and_password" and client_users.user_of(grant.client_ip) != user:
                 return f"access.users.{user}.clients"
         if rules.ingress and not ingress_allowed(rules.ingress, grant.ingress_ip):

@@ -92,6 +92,21 @@ def test_clients_and_protocols():
     )
 
 
+def test_a_switch_to_ip_keeps_password_logins_from_the_users_own_address_only():
+    import tomllib
+
+    text = 'listen = ["127.0.0.1:1080"]\n[auth]\nmethod = "ip"\n'
+    text += f'[auth.users]\nalice = "{H1}"\nbob = "{H1}"\n'
+    text += '[access.users.alice]\nclients = ["127.0.0.1/32"]\n'
+    ip = parse_config(tomllib.loads(text), "<test>")
+    assert _decide(_grant(), ip) is None  # alice's password login, from alice's address
+    assert _decide(_grant(client_ip="127.0.0.2"), ip) == "auth.method"  # from elsewhere
+    assert _decide(_grant(user="bob"), ip) == "auth.method"  # 127.0.0.1 is not bob's
+    # Under ip, a password that changed no longer matters: the address says who it is.
+    changed = replace(ip, auth=replace(ip.auth, users={"alice": H2}))
+    assert _decide(_grant(), changed) is None
+
+
 def test_auth_none_keeps_user_tunnels():
     cfg = _config()
     none = replace(cfg, auth=replace(cfg.auth, method="none", users={}))
