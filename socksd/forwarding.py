@@ -102,7 +102,7 @@ class Exchange:
         Raises:
             ExchangeFailed: a malformed response, or one cut short.
         """
-        origin, client = self._origin, self._client
+        origin = self._origin
         try:
             origin.receive_data(data)
         except RuntimeError:  # bytes after its EOF: cannot happen from a socket
@@ -111,24 +111,33 @@ class Exchange:
         while not self.response_done:
             try:
                 event = origin.next_event()
-            except h11.RemoteProtocolError:
+                if event is _NEED_DATA or event is _PAUSED:
+                    break
+                out.append(self._to_client(event))  # type: ignore[arg-type]
+            except (h11.RemoteProtocolError, h11.LocalProtocolError):
+                # Remote: a malformed or cut response. Local: one h11 cannot frame for
+                # the client (e.g. more body than its Content-Length said).
                 if not self.status:
                     raise ExchangeFailed("upstream_bad_response", 502) from None
                 raise ExchangeFailed("upstream_cut_response") from None
-            if event is _NEED_DATA or event is _PAUSED:
-                break
-            if isinstance(event, h11.Data):
-                out.append(client.send(event) or b"")
-            elif isinstance(event, (h11.Response, h11.InformationalResponse)):
-                if type(event) is h11.Response:
-                    self.status = event.status_code  # 1xx: 100 Continue, 103 Early Hints
-                out.append(client.send(self._head(event)) or b"")
-            elif isinstance(event, h11.EndOfMessage):
-                out.append(client.send(h11.EndOfMessage()) or b"")
-                self.response_done = True
-            else:  # ConnectionClosed before a response: h11 raises for it, but be sure
-                raise ExchangeFailed("upstream_bad_response", 502)
         return b"".join(out)
+
+    def _to_client(self, event: h11.Event) -> bytes:
+        """One event of the origin's response, as the client gets it."""
+        client = self._client
+        if isinstance(event, h11.Data):
+            return client.send(event) or b""
+        if isinstance(event, h11.Response):
+            self.status = event.status_code
+            return client.send(self._head(event)) or b""
+        if isinstance(event, h11.InformationalResponse):  # 100 Continue, 103 Early Hints
+            if client.their_http_version == b"1.0":
+                return b""  # RFC 9110 section 15.2: never to an HTTP/1.0 client
+            return client.send(self._head(event)) or b""
+        if isinstance(event, h11.EndOfMessage):
+            self.response_done = True
+            return client.send(h11.EndOfMessage()) or b""
+        raise h11.RemoteProtocolError("closed before a response")  # h11 raises it first
 
     def _head(
         self, event: h11.Response | h11.InformationalResponse
@@ -136,10 +145,21 @@ class Exchange:
         """The origin's response head as the client gets it: the fields meant for one
         hop (and the framing, which h11 writes for the client) left out."""
         drop = hop_by_hop(event.headers, framing=True)
+        if b"transfer-encoding" in (name for name, _ in event.headers):
+            # RFC 9112 section 6.3: Transfer-Encoding overrides Content-Length, which
+            # must not go on (h11 read the body chunked: it would frame it by the length).
+            drop |= {b"content-length"}
         headers = [(n, v) for n, v in event.headers.raw_items() if n.lower() not in drop]
-        if self.close_after and type(event) is h11.Response:
+        if type(event) is h11.Response and (self.close_after or not self.request_done):
+            # A draining worker takes no next request; nor does a connection whose
+            # request body the response came before (the rest of it is dropped).
             headers.append((b"Connection", b"close"))
         return type(event)(status_code=event.status_code, headers=headers, reason=event.reason)
+
+    @property
+    def ahead(self) -> int:
+        """Bytes the client sent past this request (its next ones), kept for later."""
+        return len(self._client.trailing_data[0])
 
     @property
     def reusable(self) -> bool:

@@ -301,6 +301,11 @@ class HttpServerConnection:
         host, port = _authority(authority, default_port=80)
         if host is None:
             self._fail(400, "http_bad_target")
+        framing = {name for name, _ in request.headers if name in _FRAMING}
+        if len(framing) > 1:
+            # RFC 9112 section 6.1: both framings in one request is how requests are
+            # smuggled past a proxy; a server may refuse it, and so do we.
+            self._fail(400, "http_conflicting_framing")
         self.origin = _origin_request(request, authority, url)
         return CommandRequest(Command.CONNECT, _address_type(host), host, port)
 

@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 
 _OWED_MAX = 256 * 1024
 _RECV = 64 * 1024
+# After its request: what a client may send ahead (pipelined requests) while it waits;
+# reading on is how a client that leaves is noticed.
+_AHEAD_MAX = 64 * 1024
 # After the last response of a connection that closes: how long the client has to read
 # it and close before we do (closing with its unread input in our buffer would reset
 # the connection over the response).
@@ -86,6 +89,7 @@ class Forward:
         "_next_request",
         "_linger",
         "_fin",
+        "_upstream_open",
     )
     udp = False  # a TCP tunnel in the books
 
@@ -121,6 +125,7 @@ class Forward:
         self._next_request = next_request
         self._linger: Timer | None = None  # set once the client's connection closes
         self._fin = False  # FIN sent to the client
+        self._upstream_open = True
         c = self.client = _End(self, *client)
         u = self.upstream = _End(self, upstream[0], upstream[0].fileno(), upstream[1])
         for end in (c, u):
@@ -154,6 +159,15 @@ class Forward:
         exchange = self._exchange
         try:
             if end is self.client:
+                if exchange.request_done:
+                    # Pipelined requests (kept for later), or the client left: like
+                    # squid's default, a client that closes before its answer is gone.
+                    if not data:
+                        self.close("client_closed", abortive=True)
+                        return
+                    exchange.from_client(data)
+                    self._update()
+                    return
                 sent = self._send(self.upstream, exchange.from_client(data))
             else:
                 exchange.close_after = self._ctx.draining
@@ -189,10 +203,15 @@ class Forward:
         """After any move: the response is out whole, or the interests follow."""
         if self.closed:
             self._closing()
-        elif self._exchange.response_done and not self.client.owed:
-            self._responded()
-        else:
-            self._update()
+            return
+        if self._exchange.response_done:
+            # The origin has said all: its connection goes now (the rest of a request
+            # body it answered early is not sent).
+            self._close_upstream(abortive=False)
+            if not self.client.owed:
+                self._responded()
+                return
+        self._update()
 
     def _update(self) -> None:
         c, u = self.client, self.upstream
@@ -202,13 +221,19 @@ class Forward:
             c.mask = self._loop.set_interest(c.fd, c.mask, want, c)
             return
         want = EVENT_WRITE if c.owed else 0
-        if not exchange.request_done and len(u.owed) < _OWED_MAX:
+        if exchange.response_done:
+            pass  # the response is being flushed: what the client sends now is not read
+        elif not exchange.request_done:
+            if len(u.owed) < _OWED_MAX:
+                want |= EVENT_READ
+        elif exchange.ahead < _AHEAD_MAX:
             want |= EVENT_READ
         c.mask = self._loop.set_interest(c.fd, c.mask, want, c)
-        want = EVENT_WRITE if u.owed else 0
-        if not exchange.response_done and len(c.owed) < _OWED_MAX:
-            want |= EVENT_READ
-        u.mask = self._loop.set_interest(u.fd, u.mask, want, u)
+        if self._upstream_open:
+            want = EVENT_WRITE if u.owed else 0
+            if not exchange.response_done and len(c.owed) < _OWED_MAX:
+                want |= EVENT_READ
+            u.mask = self._loop.set_interest(u.fd, u.mask, want, u)
 
     # -- endings --------------------------------------------------------------------
 
@@ -216,7 +241,6 @@ class Forward:
         """The whole response reached the client: this request's line, then the
         client's next request, or its connection closes."""
         exchange = self._exchange
-        self._close_upstream(abortive=False)
         self._settle("done")
         if exchange.reusable and not self._ctx.draining:
             c = self.client
@@ -275,6 +299,9 @@ class Forward:
         self._drop()
 
     def _close_upstream(self, abortive: bool) -> None:
+        if not self._upstream_open:
+            return
+        self._upstream_open = False
         u = self.upstream
         time_wait = False
         if not abortive:

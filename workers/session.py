@@ -289,7 +289,7 @@ class Session:
         elif self._first_byte:
             self._first_byte = False
             if self._protocol == "http":  # the next request on a kept-alive connection
-                self.deadline = self._loop.now + self._ctx.config.timeouts.handshake
+                self._next_request_begins()
             elif data[0] != 5 or self._ctx.socks5_off:
                 if not self._pick_front_door(data[0]):
                     return
@@ -826,10 +826,17 @@ class Session:
         self._learned({"protocol": "http", "request": number})
         if parser.trailing_data[0]:
             self._first_byte = False
+            self._next_request_begins()
         else:
             self.deadline = self._loop.now + ctx.config.timeouts.http_keepalive
         self._process()
         return self
+
+    def _next_request_begins(self) -> None:
+        """Its first byte came: the head's deadline, and its duration, start now (the
+        idle wait before is no part of the request)."""
+        self._started = now = self._loop.now
+        self.deadline = now + self._ctx.config.timeouts.handshake
 
     @property
     def between_requests(self) -> bool:
@@ -853,7 +860,8 @@ class Session:
         chosen = None if self._connector is None else self._connector.target
         logging_in = self.logging_in
         return Grant(
-            "" if self._first_byte else self._protocol,  # "": no byte read, no door yet
+            # "": no byte read, no door yet (but a kept-alive HTTP connection has one)
+            "" if self._first_byte and self._protocol != "http" else self._protocol,
             policy.normalize_ip(self._peer[0]),
             self._ingress_ip,
             None if logging_in else self._user,

@@ -8,6 +8,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -64,6 +65,8 @@ class _Origin(BaseHTTPRequestHandler):
             self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n0123456789")
             self.close_connection = True
             return
+        if self.path == "/slow":
+            time.sleep(3)
         if self.path.startswith("/status/"):
             self._answer(b"as asked", int(self.path.rsplit("/", 1)[1]))
             return
@@ -81,6 +84,13 @@ class _Origin(BaseHTTPRequestHandler):
     do_HEAD = do_GET  # noqa: N815
 
     def do_POST(self) -> None:  # noqa: N802
+        if self.path == "/early":  # answers before reading the body, and closes
+            self.send_response(413)
+            self.send_header("Content-Length", "0")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            return
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             body = b""
             while size := int(self.rfile.readline().split(b";")[0], 16):
@@ -339,6 +349,19 @@ def test_chromium_loads_a_page_over_http_and_over_socks5_on_the_same_port(spawn,
     assert protocols == {"http", "socks5"}
 
 
+def test_a_reload_without_http_closes_kept_alive_connections(spawn, origins):
+    plain, _ = origins
+    proxy = spawn(_config(auth=False))
+    with socket.create_connection(proxy.address, timeout=TIMEOUT) as sock:
+        _get(sock, f"http://127.0.0.1:{plain.port}/")
+        text = proxy.config_path.read_text()
+        proxy.config_path.write_text(text.replace('"socks5", "http"', '"socks5"'))
+        proxy.proc.send_signal(signal.SIGHUP)
+        done = proxy.wait_for("reload_done")
+        assert done["changed"] == ["protocols"]
+        assert sock.recv(1) == b""  # between requests: it may not send another
+
+
 def _http_lines(proxy: Socksd, n: int) -> list[dict[str, Any]]:
     return proxy.wait_count("tunnel_closed", n, lambda e: e.get("protocol") == "http")
 
@@ -504,11 +527,24 @@ def test_expect_100_continue_a_bad_and_a_cut_response(spawn, origins, tmp_path):
     assert bad.stdout == "502"
     cut = _curl(*proxied, base + "/cut")
     assert cut.returncode in (18, 56), cut  # partial file / connection reset: never "complete"
-    lines = _http_lines(proxy, 3)
+    # An origin that answers before the body is in: the client gets that answer (the
+    # rest of its body is not sent on) and the connection closes.
+    early = _curl("-w", "%{http_code}", *proxied, "--data-binary", f"@{upload}", base + "/early")
+    assert early.stdout == "413", early
+    # A client that leaves while the origin thinks: noticed at once, not at the answer.
+    with socket.create_connection(proxy.address, timeout=TIMEOUT) as sock:
+        auth = "Proxy-Authorization: Basic YWxpY2U6cHc=\r\n"
+        sock.sendall(f"GET {base}/slow HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode())
+        time.sleep(0.3)
+    left = proxy.wait_for("tunnel_closed", lambda e: e.get("reason") == "client_closed", 2.0)
+    assert left["http_status"] == 0 and left["duration_ms"] < 1500
+    lines = _http_lines(proxy, 5)
     assert [(e["reason"], e["http_status"]) for e in lines] == [
         ("done", 200),
         ("upstream_bad_response", 502),
         ("upstream_cut_response", 200),
+        ("done", 413),
+        ("client_closed", 0),
     ]
 
 
@@ -518,6 +554,18 @@ def test_kept_alive_connections_close_when_idle_and_when_the_worker_stops(spawn,
         _config(auth=False, extra="shutdown_timeout = 20\n[timeouts]\nhttp_keepalive = 1\n")
     )
     url = f"http://127.0.0.1:{plain.port}/"
+    # A client that closes between requests is closed at once; the next request's
+    # duration starts at its first byte, not at the end of the previous one.
+    with socket.create_connection(proxy.address, timeout=TIMEOUT) as sock:
+        _get(sock, url)
+        time.sleep(0.6)
+        _get(sock, url + "second")
+        started = time.monotonic()
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(1) == b""
+        assert time.monotonic() - started < 0.5
+    second = proxy.wait_for("tunnel_closed", lambda e: e.get("request") == 2)
+    assert second["duration_ms"] < 500
     with socket.create_connection(proxy.address, timeout=TIMEOUT) as sock:
         _get(sock, url)
         started = time.monotonic()

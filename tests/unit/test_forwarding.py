@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from socksd.codec import CommandRequest, Greeting, Method, MethodSelection
+from socksd.codec import CommandRequest, Greeting, Method, MethodSelection, ProtocolError
 from socksd.forwarding import Exchange, ExchangeFailed
 from socksd.http import HttpServerConnection
 
@@ -68,6 +68,36 @@ def test_a_close_delimited_response_is_chunked_for_the_client_and_hop_fields_dro
         b"HTTP/1.1 200 OK\r\nX-End: 2\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\n"
     )
     assert exchange.reusable
+
+
+def test_an_origin_sending_both_framings_is_read_chunked_and_sent_without_its_length():
+    exchange, _ = _exchange(b"GET http://o/ HTTP/1.1\r\nHost: o\r\n\r\n")
+    down = exchange.from_origin(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+    )
+    down += exchange.from_origin(b"5\r\nhello\r\n0\r\n\r\n")
+    assert b"Content-Length" not in down and down.endswith(b"5\r\nhello\r\n0\r\n\r\n")
+
+
+def test_a_request_with_both_framings_is_refused_and_1xx_never_reach_http10():
+    codec = HttpServerConnection(64 * 1024)
+    with pytest.raises(ProtocolError) as both:
+        codec.receive(
+            b"POST http://o/ HTTP/1.1\r\nHost: o\r\nContent-Length: 5\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+    assert both.value.reason == "http_conflicting_framing" and codec.status == 400
+    exchange, _ = _exchange(b"POST http://o/ HTTP/1.0\r\nContent-Length: 2\r\n\r\nhi")
+    assert exchange.from_origin(b"HTTP/1.1 100 Continue\r\n\r\n") == b""
+    assert exchange.from_origin(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").startswith(
+        b"HTTP/1.1 200 OK\r\n"
+    )
+
+
+def test_an_answer_before_the_whole_body_closes_the_connection():
+    exchange, _ = _exchange(b"POST http://o/ HTTP/1.1\r\nHost: o\r\nContent-Length: 9\r\n\r\n")
+    down = exchange.from_origin(b"HTTP/1.1 413 Too Big\r\nContent-Length: 0\r\n\r\n")
+    assert b"Connection: close\r\n" in down and exchange.response_done and not exchange.reusable
 
 
 def test_a_draining_worker_says_connection_close():
