@@ -750,19 +750,33 @@ class Session:
     ) -> None:
         """Hand the client and `upstream` (connected to `target`: CONNECT, or BIND's
         peer) to a Relay; an absolute-form HTTP request to its exchange."""
-        codec = self._codec
-        if type(codec) is HttpServerConnection and codec.origin is not None:
-            self._forward(upstream, bound, lease, upstream_mask, target)
-            return
+        codec: Any = self._codec
         to_client, mask, claim, log = self._hand_over(bound, "egress")
         log.debug("tunnel_opened")
+        if type(codec) is HttpServerConnection and codec.origin is not None:
+            # Its body, its response and what follows them are the exchange's.
+            Forward(
+                self._ctx,
+                (self.client, self._fd, mask),
+                (upstream, upstream_mask),
+                codec.take_parser(),
+                codec.origin,
+                to_client,
+                log,
+                self._started,
+                lease,
+                claim,
+                self._admitted(target),
+                self._keep_alive,
+            )
+            return
         Relay(
             self._ctx,
             self.client,
             self._fd,
             upstream,
             to_client,
-            self._codec.trailing_data,
+            codec.trailing_data,
             log,
             self._started,
             lease,
@@ -770,35 +784,6 @@ class Session:
             mask,
             upstream_mask,
             self._admitted(target),
-        )
-
-    def _forward(
-        self,
-        upstream: socket.SocketType,
-        bound: tuple[Any, ...],
-        lease: TargetCounters | None,
-        upstream_mask: int,
-        target: tuple[Any, ...],
-    ) -> None:
-        """An absolute-form HTTP request: its body, its response and what follows them
-        are the exchange's (`workers.forward`)."""
-        codec: Any = self._codec
-        parser, request = codec.take_parser(), codec.origin
-        to_client, mask, claim, log = self._hand_over(bound, "egress")
-        log.debug("tunnel_opened")
-        Forward(
-            self._ctx,
-            (self.client, self._fd, mask),
-            (upstream, upstream_mask),
-            parser,
-            request,
-            to_client,
-            log,
-            self._started,
-            lease,
-            claim,
-            self._admitted(target),
-            self._keep_alive,
         )
 
     def _keep_alive(self, parser: h11.Connection) -> None:
