@@ -1,8 +1,9 @@
 """The worker's timeouts, enforced by sweeps: one timer per kind, not one per connection.
 
-Owns: the handshake and connect deadlines of sessions, the idle cut of tunnels, the
-idle end of UDP associations, and when a long tunnel's `tunnel_usage` record is due
-(`accounting.interval`); how often each is checked.
+Owns: the handshake, connect and HTTP keep-alive deadlines of sessions, the idle cut
+of tunnels (and of forwarded HTTP requests), the idle end of UDP associations, and
+when a long tunnel's `tunnel_usage` record is due (`accounting.interval`); how often
+each is checked.
 Must not: close anything itself; it calls the member's own ending (`on_deadline()`,
 `close()`), which logs the connection's line.
 
@@ -125,7 +126,8 @@ def retime(sweeps: tuple[Sweep, ...], config: Config) -> None:
     """Give the sweeps of `start()` their timeouts (a reload's, too)."""
     deadlines, idle, udp_idle, usage = sweeps
     timeouts = config.timeouts
-    deadlines.retime((timeouts.handshake, timeouts.connect), 0.0)
+    # A kept-alive HTTP connection's wait for its next request is a deadline too.
+    deadlines.retime((timeouts.handshake, timeouts.connect, timeouts.http_keepalive), 0.0)
     idle.retime((timeouts.idle,), timeouts.idle)
     udp_idle.retime((timeouts.udp_idle,), timeouts.udp_idle)
     # A record is up to one interval of this sweep late: min(1 s, accounting.interval / 4).
