@@ -261,6 +261,8 @@ class HttpServerConnection:
             if status == 431 or "exceeds" in str(exc) or "too long" in str(exc):
                 self.status = 431
                 raise ProtocolError("http_head_too_large", response(431)) from None
+            if parser.trailing_data[1]:  # it closed inside its head: nobody to answer
+                raise ProtocolError("client_closed_mid_head") from None
             self.status = 400
             raise ProtocolError("http_bad_request", response(400)) from None
         if event is h11.NEED_DATA:

@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from socksd.codec import CommandRequest, Greeting, Method, MethodSelection, ProtocolError
+from socksd.codec import (
+    NEED_DATA,
+    CommandRequest,
+    Greeting,
+    Method,
+    MethodSelection,
+    ProtocolError,
+)
 from socksd.forwarding import Exchange, ExchangeFailed
 from socksd.http import HttpServerConnection
 
@@ -159,3 +166,15 @@ def test_any_client_body_bytes_give_bytes_or_exchange_failed(data):
         exchange.from_client(b"")
     except ExchangeFailed as failed:
         assert failed.status in (0, 400)
+
+
+def test_a_client_that_closes_inside_its_head_gets_no_answer_and_its_own_reason():
+    codec = HttpServerConnection(64 * 1024)
+    assert codec.receive(b"GET http://o/ HTTP/1.1\r\nHost: o\r\n") is NEED_DATA
+    with pytest.raises(ProtocolError) as closed:
+        codec.receive(b"")
+    assert (closed.value.reason, closed.value.reply, codec.status) == (
+        "client_closed_mid_head",
+        b"",
+        0,
+    )
