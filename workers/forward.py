@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import h11
 
 from socksd.forwarding import Exchange, ExchangeFailed
+from socksd.http import FastRequest
 from socksd.revocation import Admitted, Grant, handed_over
 from workers.accounting import Moved, Recorded, record_due
 from workers.egress import abort
@@ -98,22 +99,23 @@ class Forward:
         ctx: WorkerContext,
         client: tuple[socket.SocketType, int, int],
         upstream: tuple[socket.SocketType, int],
-        parser: h11.Connection,
-        request: h11.Request,
+        parser: h11.Connection | None,
+        request: h11.Request | FastRequest,
         to_client: bytes,
         log: Any,
         started: float,
         lease: TargetCounters | None,
         claim: Claim | None,
         admitted: Admitted,
-        next_request: Callable[[h11.Connection], None],
+        next_request: Callable[[h11.Connection | None, bytes], None],
     ) -> None:
         """Take over the client (socket, fd, loop mask) with its h11 connection past
-        the request head, and the connected upstream (socket, loop mask); send the
-        request; `next_request` gets the client's connection when it can carry one."""
+        the request head (None: the fast path read it), and the connected upstream
+        (socket, loop mask); send the request; `next_request` gets the client's
+        connection (its h11 connection, or what it sent ahead) when it can carry one."""
         self._ctx = ctx
         self._loop = ctx.loop
-        self._exchange = Exchange(parser)
+        self._exchange = Exchange(parser, request)
         self._log = log
         self.started = started
         self._last = ctx.loop.now
@@ -134,7 +136,7 @@ class Forward:
         ctx.open.add(self)
         ctx.counters.open_tunnels += 1
         try:
-            to_origin = self._exchange.start(request)
+            to_origin = self._exchange.start()
         except ExchangeFailed as failed:
             self._failed(failed)
             return
@@ -245,7 +247,7 @@ class Forward:
         if exchange.reusable and not self._ctx.draining:
             c = self.client
             c.mask = self._loop.set_interest(c.fd, c.mask, 0, c)
-            self._next_request(exchange.next_cycle())
+            self._next_request(*exchange.next_cycle())
             self._drop()
             return
         self._closing()

@@ -20,21 +20,26 @@ from socksd.forwarding import Exchange, ExchangeFailed
 from socksd.http import HttpServerConnection
 
 
-def _codec(head: bytes) -> HttpServerConnection:
+def _codec(head: bytes, fast: bool = False) -> HttpServerConnection:
     """A codec that read `head` (an absolute-form request, no credentials) through to
-    its CommandRequest, as the session drives it."""
+    its CommandRequest, as the session drives it: with h11, or (`fast`) as one read,
+    which the fast path takes when it can."""
     codec = HttpServerConnection(64 * 1024)
-    assert isinstance(codec.receive(head), Greeting)
+    if fast:
+        assert isinstance(codec.receive(head), Greeting)
+    else:  # in two reads: the fast path takes a head only whole
+        assert codec.receive(head[:1]) is NEED_DATA
+        assert isinstance(codec.receive(head[1:]), Greeting)
     assert codec.send(MethodSelection(Method.NO_AUTH)) == b""
     assert isinstance(codec.next_event(), CommandRequest)
     return codec
 
 
-def _exchange(head: bytes) -> tuple[Exchange, bytes]:
-    codec = _codec(head)
-    assert codec.origin is not None
-    exchange = Exchange(codec.take_parser())
-    return exchange, exchange.start(codec.origin)
+def _exchange(head: bytes, fast: bool = False) -> tuple[Exchange, bytes]:
+    codec = _codec(head, fast)
+    assert codec.forwards
+    exchange = Exchange(*codec.take())
+    return exchange, exchange.start()
 
 
 def test_the_origin_gets_origin_form_without_proxy_and_hop_by_hop_fields():
@@ -59,7 +64,8 @@ def test_a_chunked_body_goes_on_chunked_and_the_next_request_stays_buffered():
     down = exchange.from_origin(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")
     assert down.startswith(b"HTTP/1.1 201 Created\r\n") and down.endswith(b"\r\n\r\nok")
     assert exchange.response_done and exchange.reusable and exchange.status == 201
-    parser = exchange.next_cycle()
+    parser, ahead = exchange.next_cycle()
+    assert parser is not None and ahead == b""
     event = parser.next_event()
     assert isinstance(event, h11.Request) and event.target == b"http://next/"
 
@@ -178,3 +184,139 @@ def test_a_client_that_closes_inside_its_head_gets_no_answer_and_its_own_reason(
         b"",
         0,
     )
+
+
+# -- the fast path gives what h11 gives ---------------------------------------------------
+
+_FIELDS = st.sampled_from(
+    [
+        b"Accept: */*",
+        b"User-Agent: curl/8.5.0",
+        b"Proxy-Authorization: Basic YTpi",
+        b"Proxy-Connection: keep-alive",
+        b"Connection: keep-alive",
+        b"Connection: close",
+        b"Connection: keep-alive, X-Hop",
+        b"X-Hop: 1",
+        b"Keep-Alive: timeout=5",
+        b"TE: trailers",
+        b"Upgrade: h2c",
+        b"Cookie: a=b; c=d",
+        b"X-Empty:",
+        b"x-lower:  padded\t",
+    ]
+)
+_TARGETS = st.sampled_from(
+    [
+        b"http://example.com/",
+        b"http://example.com",
+        b"http://example.com:8080/a/b?c=d&e",
+        b"http://user@example.com/x",
+        b"http://example.com?q",
+        b"http://example.com/a?",
+        b"http://[2001:db8::1]:81/v6",
+        b"http://192.0.2.1/%20x",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([b"GET", b"HEAD"]), _TARGETS, st.lists(_FIELDS, max_size=6))
+def test_the_fast_path_sends_the_origin_what_h11_sends(method, target, fields):
+    head = b"%s %s HTTP/1.1\r\nHost: h\r\n%s\r\n" % (
+        method,
+        target,
+        b"".join(f + b"\r\n" for f in fields),
+    )
+    fast_codec = _codec(head, fast=True)
+    assert fast_codec.fast is not None, "the fast path took it"
+    slow, fast = _exchange(head), _exchange(head, fast=True)
+    assert fast[1] == slow[1]
+
+
+_ANSWER_FIELDS = st.sampled_from(
+    [
+        b"Server: x",
+        b"Connection: keep-alive",
+        b"Connection: close",
+        b"Connection: X-Hop",
+        b"X-Hop: 1",
+        b"Keep-Alive: timeout=5",
+        b"Proxy-Authenticate: Basic",
+        b"Set-Cookie: a=b",
+        b"Content-Type: text/plain",
+        b"X-Blank:",
+    ]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.sampled_from([b"GET", b"HEAD"]),
+    st.sampled_from([b"", b"Connection: close\r\n"]),
+    st.sampled_from(
+        [b"HTTP/1.1 200 OK", b"HTTP/1.0 404 Not Found", b"HTTP/1.1 302 ", b"HTTP/1.1 500"]
+    ),
+    st.lists(_ANSWER_FIELDS, max_size=5),
+    st.binary(max_size=300),
+    st.booleans(),
+    st.lists(st.integers(1, 400), max_size=3),
+)
+def test_the_fast_path_gives_the_client_what_h11_gives(
+    method, close, status, fields, body, draining, cuts
+):
+    """Same answer bytes, same status, same keep-alive verdict, however the answer is
+    split into reads."""
+    head = b"%s http://o/ HTTP/1.1\r\nHost: o\r\n%s\r\n" % (method, close)
+    answer = b"%s\r\n%sContent-Length: %d\r\n\r\n%s" % (
+        status,
+        b"".join(f + b"\r\n" for f in fields),
+        len(body),
+        body,
+    )
+    results = []
+    for fast in (False, True):
+        exchange, _ = _exchange(head, fast)
+        exchange.close_after = draining
+        out = b""
+        points = sorted({c for c in cuts if c < len(answer)})
+        for a, b in zip([0, *points], [*points, len(answer)], strict=True):
+            if not exchange.response_done:
+                out += exchange.from_origin(answer[a:b])
+        results.append((out, exchange.status, exchange.response_done, exchange.reusable))
+    assert results[0] == results[1]
+
+
+def test_an_answer_the_fast_path_does_not_frame_goes_to_h11_as_if_from_the_start():
+    head = b"GET http://o/ HTTP/1.1\r\nHost: o\r\n\r\n"
+    for answer in (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",  # bare LF
+    ):
+        outs = []
+        for fast in (False, True):
+            exchange, _ = _exchange(head, fast)
+            out = exchange.from_origin(answer)
+            outs.append((out, exchange.status, exchange.reusable))
+        assert outs[0] == outs[1], answer
+    # Ended by a close: the client gets it chunked either way, then the EOF ends it.
+    for fast in (False, True):
+        exchange, _ = _exchange(head, fast)
+        out = exchange.from_origin(b"HTTP/1.0 200 OK\r\n\r\nbody") + exchange.from_origin(b"")
+        assert out.endswith(b"4\r\nbody\r\n0\r\n\r\n") and exchange.reusable
+
+
+def test_the_fast_path_keeps_what_the_client_sends_ahead_for_its_next_request():
+    exchange, _ = _exchange(b"GET http://o/ HTTP/1.1\r\nHost: o\r\n\r\n", fast=True)
+    assert exchange.request_done
+    exchange.from_client(b"GET http://next/")  # before the answer's head ...
+    exchange.from_origin(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n")
+    exchange.from_client(b" HTTP/1.1\r\n")  # ... and after
+    assert exchange.ahead == 27
+    assert exchange.from_origin(b"!") == b"!" and exchange.reusable
+    parser, ahead = exchange.next_cycle()
+    assert parser is None and ahead == b"GET http://next/ HTTP/1.1\r\n"
+    codec = HttpServerConnection(64 * 1024, None, ahead)
+    assert codec.buffered and codec.receive(b"Host: next\r\n\r\n") is not NEED_DATA
