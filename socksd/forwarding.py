@@ -74,14 +74,20 @@ class Exchange:
         "close_after",
     )
 
-    def __init__(self, client: h11.Connection | None, request: h11.Request | FastRequest) -> None:
-        """`client` None: the fast path read `request` (`socksd.http.FastRequest`)."""
+    def __init__(
+        self,
+        client: h11.Connection | None,
+        request: h11.Request | FastRequest,
+        ahead: bytes = b"",
+    ) -> None:
+        """`client` None: the fast path read `request` (`socksd.http.FastRequest`) and
+        the client sent `ahead` after it."""
         self._client = client
         self._request = request
         self._fast = request if type(request) is FastRequest else None
         self._origin = None if self._fast is not None else _origin_connection()
-        self._buf = b""  # fast path: the answer's head so far
-        self._ahead = b""  # fast path: what the client sent past its request
+        self._buf = bytearray()  # fast path: the answer's head so far
+        self._ahead = ahead  # fast path: what the client sent past its request
         self._left = -1  # fast path: body bytes still to come (-1: the head is not in)
         self._said_close = False  # fast path: the head said "Connection: close"
         self.status = 0  # the origin's final status, once its head came (the line's)
@@ -210,27 +216,31 @@ class Exchange:
             self._left -= len(take)
             self.response_done = not self._left
             return take
-        buf = self._buf = self._buf + data
-        end = buf.find(b"\r\n\r\n")
+        buf = self._buf
+        seen = max(0, len(buf) - 3)  # searched already (a read at a time: not quadratic)
+        buf += data
+        end = buf.find(b"\r\n\r\n", seen)
         if end < 0:
-            if data and b"\n\n" not in buf and len(buf) <= RESPONSE_HEAD_MAX:
+            # h11 also ends a head at LF LF or LF CR LF: those go to it at once.
+            ended = buf.find(b"\n\n", seen) >= 0 or buf.find(b"\n\r\n", seen) >= 0
+            if data and not ended and len(buf) <= RESPONSE_HEAD_MAX:
                 return b""  # more of the head to come
             return self._fall_back(eof=not data)
         fast = self._fast
         assert fast is not None
-        simple = _simple_head(buf[:end], fast.method == b"HEAD")
+        simple = _simple_head(bytes(buf[:end]), fast.method == b"HEAD")
         if simple is None:
             return self._fall_back(eof=not data)
         self.status, head, self._left = simple
         if self.close_after or not fast.keep_alive:
             head += b"\r\nConnection: close"
             self._said_close = True
-        self._buf = b""
+        body = bytes(buf[end + 4 :])
+        self._buf = bytearray()
         out = head + b"\r\n\r\n"
         if not self._left:
             self.response_done = True
             return out
-        body = buf[end + 4 :]
         return out + self._fast_answer(body) if body else out
 
     def _fall_back(self, eof: bool) -> bytes:
@@ -249,7 +259,7 @@ class Exchange:
         origin = _origin_connection()
         origin.send(request)
         origin.send(h11.EndOfMessage())
-        answer, self._buf, self._ahead = self._buf, b"", b""
+        answer, self._buf, self._ahead = bytes(self._buf), bytearray(), b""
         self._client, self._origin, self._fast = client, origin, None
         out = self.from_origin(answer)
         if eof and not self.response_done:
@@ -311,14 +321,15 @@ def _simple_head(head: bytes, to_head: bool) -> tuple[int, bytes, int] | None:
         if lower == b"transfer-encoding":
             return None
         if lower == b"content-length":
-            if length >= 0 or not value.isdigit():
+            # h11 takes at most 20 digits (int() itself stops at 4,300: a ValueError)
+            if length >= 0 or not value.isdigit() or len(value) > 20:
                 return None
             length = int(value)
         fields.append((lower, value))
         names.append(name)
-    if length < 0:
-        return None
     drop = hop_by_hop(fields, framing=True)
+    if length < 0 or b"content-length" in drop:
+        return None  # no length, or one its Connection field names: h11 chunks the body
     out = [b"HTTP/1.1 %d %s" % (status, reason)]
     for (lower, value), name in zip(fields, names, strict=True):
         if lower not in drop:

@@ -193,14 +193,14 @@ class HttpServerConnection:
         """Bytes of a next request are in (a kept-alive connection's pipelining)."""
         return bool(self._rest) or (self._h11 is not None and bool(self._h11.trailing_data[0]))
 
-    def take(self) -> tuple[h11.Connection | None, h11.Request | FastRequest]:
+    def take(self) -> tuple[h11.Connection | None, h11.Request | FastRequest, bytes]:
         """For the exchange of an absolute-form request: the client's h11 connection
-        (its body, its response, the next request) and the request, or (None, the
-        fast path's request)."""
+        (its body, its response, the next request) and the request, or None, the fast
+        path's request and what the client sent after it."""
         if self.fast is not None:
-            return None, self.fast
+            return None, self.fast, self._rest
         assert self._h11 is not None and self.origin is not None
-        return self._h11, self.origin
+        return self._h11, self.origin, b""
 
     def _parser(self) -> h11.Connection:
         if self._h11 is None:
@@ -295,7 +295,9 @@ class HttpServerConnection:
             at = rest.find(mark)
             if 0 <= at < cut:
                 cut = at
-        authority = rest[:cut].rpartition("@")[2]
+        userinfo, _, authority = rest[:cut].rpartition("@")
+        if "[" in userinfo or "]" in userinfo or not _bracketed_ok(authority):
+            return None, 0  # urlsplit judges brackets (400 for all but an IPv6 host)
         host, port = _authority(authority, default_port=80)
         if host is None:
             return None, 0
@@ -483,6 +485,22 @@ def _authority(text: str, default_port: int | None = None) -> tuple[str | None, 
     if not host or len(host) > 255 or not (_NAME.fullmatch(host) or _IPV6.fullmatch(host)):
         return None, 0
     return host, port
+
+
+def _bracketed_ok(authority: str) -> bool:
+    """No bracket, or "[IPv6]" / "[IPv6]:port": what urlsplit lets through."""
+    if "[" not in authority and "]" not in authority:
+        return True
+    inside, sep, after = authority[1:].partition("]")
+    if not authority.startswith("[") or not sep or "[" in inside or "]" in after:
+        return False
+    if after and not after.startswith(":"):
+        return False
+    try:
+        socket.inet_pton(socket.AF_INET6, inside)
+    except OSError:
+        return False
+    return True
 
 
 def _address_type(host: str) -> AddressType:

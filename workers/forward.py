@@ -101,6 +101,7 @@ class Forward:
         upstream: tuple[socket.SocketType, int],
         parser: h11.Connection | None,
         request: h11.Request | FastRequest,
+        ahead: bytes,
         to_client: bytes,
         log: Any,
         started: float,
@@ -110,12 +111,13 @@ class Forward:
         next_request: Callable[[h11.Connection | None, bytes], None],
     ) -> None:
         """Take over the client (socket, fd, loop mask) with its h11 connection past
-        the request head (None: the fast path read it), and the connected upstream
+        the request head (None: the fast path read it; `ahead`: what followed it), and
+        the connected upstream
         (socket, loop mask); send the request; `next_request` gets the client's
         connection (its h11 connection, or what it sent ahead) when it can carry one."""
         self._ctx = ctx
         self._loop = ctx.loop
-        self._exchange = Exchange(parser, request)
+        self._exchange = Exchange(parser, request, ahead)
         self._log = log
         self.started = started
         self._last = ctx.loop.now

@@ -320,3 +320,51 @@ def test_the_fast_path_keeps_what_the_client_sends_ahead_for_its_next_request():
     assert parser is None and ahead == b"GET http://next/ HTTP/1.1\r\n"
     codec = HttpServerConnection(64 * 1024, None, ahead)
     assert codec.buffered and codec.receive(b"Host: next\r\n\r\n") is not NEED_DATA
+
+
+def test_review_cases_the_fast_path_hands_to_h11_or_matches_it():
+    head = b"GET http://o/ HTTP/1.1\r\nHost: o\r\n\r\n"
+    for answer in (
+        # The length is named hop-by-hop: h11 chunks the body (the client must not get
+        # a body without framing on a kept-alive connection).
+        b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\nContent-Length: 2\n\r\nok",  # LF CR LF ends a head for h11
+        b"HTTP/1.1 200 OK\r\nContent-Length: 123456789012345678901\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n",
+    ):
+        outs = []
+        for fast in (False, True):
+            exchange, _ = _exchange(head, fast)
+            try:
+                outs.append((exchange.from_origin(answer), exchange.status, exchange.reusable))
+            except ExchangeFailed as failed:
+                outs.append((failed.reason, failed.status, None))
+        assert outs[0] == outs[1], answer[:60]
+
+
+def test_bytes_sent_while_the_request_was_admitted_stay_the_next_request():
+    codec = _codec(b"GET http://o/ HTTP/1.1\r\nHost: o\r\n\r\n", fast=True)
+    codec.receive_data(b"GET http://n/ HTTP/1.1\r\nHost: n\r\n\r\n")  # while logging in
+    exchange = Exchange(*codec.take())
+    exchange.start()
+    exchange.from_origin(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert exchange.ahead == 35 and exchange.next_cycle() == (
+        None,
+        b"GET http://n/ HTTP/1.1\r\nHost: n\r\n\r\n",
+    )
+
+
+def test_brackets_only_around_an_ipv6_host_take_the_fast_path():
+    for target, fast in (
+        (b"http://[2001:db8::1]:81/", True),
+        (b"http://[1.2.3.4]/", False),
+        (b"http://u[x]@host/", False),
+        (b"http://a]@host/", False),
+        (b"http://[::1/", False),
+    ):
+        codec = HttpServerConnection(64 * 1024)
+        try:
+            codec.receive(b"GET %s HTTP/1.1\r\nHost: h\r\n\r\n" % target)
+        except ProtocolError as refused:
+            assert refused.reply.startswith(b"HTTP/1.1 400 ")  # h11's path judged it
+        assert (codec.fast is not None) == fast, target
