@@ -396,21 +396,8 @@ class World(perf.Bench):
         self._dns: tuple[int, Path] | None = None
         for key, value in perf.SYSCTLS.items():
             ns.sysctl(key, value)
-        origin = ns.popen(
-            [
-                *self.pin_load,
-                str(tmp / "http_origin"),
-                HOST,
-                str(ORIGIN_PORT),
-                str(ORIGIN_LIFETIME_S),
-            ],
-            stdout=subprocess.PIPE,
-        )
-        assert origin.stdout is not None
-        if perf._read_line(origin.stdout, 10.0) != "ready":
-            raise RuntimeError("http_origin did not start")
-        self.world_pids = [origin.pid]  # `ip netns exec` and taskset exec: same pid
-        self.world_pids.append(self._start_dns())
+        argv = [str(tmp / "http_origin"), HOST, str(ORIGIN_PORT), str(ORIGIN_LIFETIME_S)]
+        self.world_pids = [self.start_ready(argv, "http_origin"), self._start_dns()]
 
     def client(
         self, proxy: perf.RunningProxy, mode: str, requests: int, connections: int

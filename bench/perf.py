@@ -728,26 +728,22 @@ class Bench:
         self.pin_load = ["taskset", "-c", load_cpus] if load_cpus else []
         for key, value in SYSCTLS.items():
             ns.sysctl(key, value)
-        target = ns.popen(
-            [
-                *self.pin_load,
-                str(tmp / "target"),
-                HOST,
-                str(ECHO_PORT),
-                str(BULK_PORT),
-                str(TARGET_LIFETIME_S),
-            ],
-            stdout=subprocess.PIPE,
-        )
-        assert target.stdout is not None
-        if _read_line(target.stdout, 10.0) != "ready":
-            raise RuntimeError("target did not start")
-        self.target_pid = target.pid  # `ip netns exec` and taskset exec: same pid
+        argv = [str(tmp / "target"), HOST, str(ECHO_PORT), str(BULK_PORT), str(TARGET_LIFETIME_S)]
+        self.target_pid = self.start_ready(argv, "target")
         self.world_pids = [self.target_pid]
         self._etc: Path | None = None
         self._dns: tuple[int, Path] | None = None  # dnsmasq's pid and log
         if any(PATHS[p].name for p in settings.paths):
             self.world_pids.append(self._start_dns())
+
+    def start_ready(self, argv: list[str], what: str) -> int:
+        """Start `argv` in the namespace, pinned to the load core, and wait for the
+        "ready" line it prints; its pid (`ip netns exec` and taskset exec: the same)."""
+        proc = self.ns.popen([*self.pin_load, *argv], stdout=subprocess.PIPE)
+        assert proc.stdout is not None
+        if _read_line(proc.stdout, 10.0) != "ready":
+            raise RuntimeError(f"{what} did not start")
+        return proc.pid
 
     def close(self) -> None:
         """Remove what the bench put in /etc for its namespace (the namespace's own
