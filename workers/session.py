@@ -787,39 +787,23 @@ class Session:
 
     def _keep_alive(self, parser: h11.Connection | None, ahead: bytes) -> None:
         """The exchange ended and the client's connection stays: a session for its next
-        request (conn_id is the request's; `request` counts them on the connection)."""
-        number = self._context.get("request", 1) + 1
-        Session.next_request(
-            self._ctx, self.client, self._peer, self._ingress_ip, parser, ahead, number
-        )
-
-    @classmethod
-    def next_request(
-        cls,
-        ctx: WorkerContext,
-        client: socket.SocketType,
-        peer: tuple[Any, ...],
-        ingress_ip: str,
-        parser: h11.Connection | None,
-        ahead: bytes,
-        number: int,
-    ) -> Session:
-        """A session for the `number`th request of a kept-alive HTTP connection; it waits
+        request (`parser` / `ahead`: what the exchange kept of the connection). Its
+        conn_id is the request's; `request` counts them on the connection. It waits
         `timeouts.http_keepalive` for the request to begin (then the handshake timeout
         runs), and takes one the client sent already at once (pipelining)."""
-        self = cls(ctx, client, peer, ingress_ip)
-        self._codec = codec = HttpServerConnection(HANDSHAKE_BUFFER, parser, ahead)
-        self._protocol = "http"
-        self._learned({"protocol": "http", "request": number})
+        ctx = self._ctx
+        nxt = Session(ctx, self.client, self._peer, self._ingress_ip)
+        nxt._codec = codec = HttpServerConnection(HANDSHAKE_BUFFER, parser, ahead)
+        nxt._protocol = "http"
+        nxt._learned({"protocol": "http", "request": self._context.get("request", 1) + 1})
         if codec.buffered:
-            self._first_byte = False
-            self._next_request_begins()
-            self._process()
+            nxt._first_byte = False
+            nxt._next_request_begins()
+            nxt._process()
         else:
             # No _process() here: it would make the codec's h11 parser, and the next
             # request would miss the fast path (~130 us a kept-alive request).
-            self.deadline = self._loop.now + ctx.config.timeouts.http_keepalive
-        return self
+            nxt.deadline = nxt._loop.now + ctx.config.timeouts.http_keepalive
 
     def _next_request_begins(self) -> None:
         """Its first byte came: the head's deadline, and its duration, start now (the
